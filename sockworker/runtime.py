@@ -1,0 +1,44 @@
+"""The parts of a serving worker, wired together: registry, sandbox
+backend, lambda manager and the HTTP app. Built inside the gunicorn worker
+process, torn down when it exits."""
+
+import logging
+import os
+
+from sockworker.api.app import create_app
+from sockworker.manager import LambdaManager
+from sockworker.registry import Registry
+from sockworker.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, config, image_path):
+        from sockworker.cli import make_backend
+
+        self.config = config
+        self.backend = make_backend(config, image_path)
+        self.registry = Registry(
+            config.registry,
+            os.path.join(config.state_dir, "lambdas"),
+            refresh_seconds=config.registry_refresh_seconds,
+            max_bytes=config.max_code_bytes,
+        )
+        self.manager = LambdaManager(
+            config, self.registry, self.backend, Stats()
+        )
+
+    def start(self):
+        """Sweep leftovers, start the manager; returns the WSGI app."""
+        self.registry.sweep()
+        self.backend.start()
+        self.manager.start()
+        return create_app(self.manager, self.config)
+
+    def stop(self):
+        """Drain and destroy every sandbox, then the cgroup tree."""
+        log.info("stopping: draining requests and destroying sandboxes")
+        self.manager.shutdown(drain_seconds=self.config.timeout_seconds)
+        self.backend.close()
+        log.info("stopped")
