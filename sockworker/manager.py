@@ -68,6 +68,9 @@ class LambdaManager:
         self.pools_lock = threading.Lock()
         self.total = 0
         self.total_lock = threading.Lock()
+        # Code versions that sandboxes use or are being created for; the
+        # registry must not delete these.
+        self.versions_in_use = collections.Counter()
         self.accepting = True
         self.max_total = max_instances(config)
         self.janitor = threading.Thread(
@@ -177,9 +180,11 @@ class LambdaManager:
             pool.waiting -= 1
 
     def create_instance(self, pool, code):
+        self.count_version(code, +1)
         try:
             sandbox = self.backend.create(code.root)
         except BaseException:
+            self.count_version(code, -1)
             with pool.cond:
                 pool.creating -= 1
                 pool.cond.notify()
@@ -219,7 +224,15 @@ class LambdaManager:
             instance.sandbox.id,
             why,
         )
+        self.count_version(instance.code, -1)
         self.free_slot()
+
+    def count_version(self, code, delta):
+        key = (code.name, code.version)
+        with self.total_lock:
+            self.versions_in_use[key] += delta
+            if self.versions_in_use[key] <= 0:
+                del self.versions_in_use[key]
 
     def free_slot(self):
         with self.total_lock:
@@ -278,6 +291,10 @@ class LambdaManager:
                 pool.idle = keep
         for instance in expired:
             self.destroy(instance, "idle past keep-warm time")
+        if expired:
+            with self.total_lock:
+                in_use = set(self.versions_in_use)
+            self.registry.remove_unused(in_use)
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -377,11 +377,14 @@ def run_setup_child(container, listen_fd, log_fd, cgroup_fd, report_fd):
         step = Step(report_fd)
         spec = container.spec
         paths = container.paths
-        for procs in container.cgroup.v1_procs_files():
+        # With a v2 fd, clone3 places the init in the v2 cgroup; only the
+        # v1 hierarchies (hybrid layout) need a cgroup.procs write.
+        if cgroup_fd >= 0:
+            joins = container.cgroup.v1_procs_files()
+        else:
+            joins = container.cgroup.procs_files()
+        for procs in joins:
             step(f"join cgroup {procs}", write_file, procs, "0")
-        if cgroup_fd < 0:
-            for procs in container.cgroup.procs_files():
-                step(f"join cgroup {procs}", write_file, procs, "0")
         flags = namespaces.unshare_flags(spec.network)
         step("unshare namespaces", native.unshare, flags)
         step("make mounts private", mounts.make_mounts_private)
