@@ -9,10 +9,13 @@ processes, so killing the cgroups' processes and removing the directories
 is a complete sweep.
 """
 
+import collections
+import dataclasses
 import hashlib
 import logging
 import os
 import shutil
+import threading
 
 from sockworker.sandbox import cgroups
 from sockworker.sandbox.container import (
@@ -36,8 +39,14 @@ class SockBackend:
     """Creates containers; owns the cgroup tree and the sandboxes folder.
 
     Guarantees: sweep() leaves no process, cgroup or sandbox directory of
-    an earlier worker on this state directory; close() destroys the tree
-    (the caller destroys its containers first).
+    an earlier worker on this state directory; close() destroys the
+    prepared sandboxes and the tree (the caller destroys its containers
+    first).
+
+    PERF: a spawner thread keeps `prepared` sandboxes ready (cgroups
+    joined, namespaces entered) so that a cold start pays only for the
+    root filesystem and the guest's start; joining a v1 cgroup on demand
+    can stall for an RCU grace period.
     """
 
     def __init__(
@@ -48,45 +57,109 @@ class SockBackend:
         network="none",
         scratch_bytes=64 << 20,
         layout=None,
+        prepared=2,
     ):
         self.state_dir = state_dir
         self.sandboxes_dir = os.path.join(state_dir, "sandboxes")
         self.image_path = image_path
-        self.limits = limits
-        self.network = network
-        self.scratch_bytes = scratch_bytes
+        self.spec = ContainerSpec(
+            limits=limits, network=network, scratch_bytes=scratch_bytes
+        )
         self.layout = layout or cgroups.CgroupLayout.detect()
         self.tree = cgroups.CgroupTree(self.layout, tree_name(state_dir))
         self.guest_layer = None
+        self.prepared_target = prepared
+        self.ready = collections.deque()
+        self.ready_lock = threading.Lock()
+        self.wanted = threading.Event()
+        self.closing = False
+        self.spawner = None
+
+    @property
+    def network(self):
+        return self.spec.network
+
+    @network.setter
+    def network(self, mode):
+        self.spec = dataclasses.replace(self.spec, network=mode)
+        self.discard_prepared()
 
     def start(self):
-        """Sweep leftovers, then make the cgroup tree and guest layer."""
+        """Sweep leftovers, then make the cgroup tree and guest layer and
+        start filling the pool of prepared sandboxes."""
         self.sweep()
         os.makedirs(self.sandboxes_dir, mode=0o700, exist_ok=True)
         self.tree.create()
         self.guest_layer = install_guest_layer(
             os.path.join(self.state_dir, "runtime")
         )
+        if self.prepared_target > 0:
+            self.spawner = threading.Thread(
+                target=self.keep_prepared,
+                name="sockworker-spawner",
+                daemon=True,
+            )
+            self.spawner.start()
+            self.wanted.set()
         log.info("sock backend ready: %s", self.layout.describe())
 
     def create(self, code_root, env=None):
         """A running container for the code layer at code_root."""
-        spec = ContainerSpec(
-            layers=(code_root, self.guest_layer, self.image_path),
-            limits=self.limits,
-            network=self.network,
-            scratch_bytes=self.scratch_bytes,
-            env=dict(env or {}),
+        container = self.take_prepared() or self.prepare_one()
+        self.wanted.set()
+        container.start(
+            (code_root, self.guest_layer, self.image_path), env or {}
         )
+        return container
+
+    def prepare_one(self):
         sandbox_id = new_sandbox_id()
         container = Container(
             sandbox_id,
-            spec,
+            self.spec,
             self.tree.sandbox(sandbox_id),
             self.sandboxes_dir,
         )
-        container.create()
+        container.prepare()
         return container
+
+    def take_prepared(self):
+        with self.ready_lock:
+            while self.ready:
+                container = self.ready.popleft()
+                if container.spec == self.spec:
+                    return container
+                container.destroy()
+        return None
+
+    def keep_prepared(self):
+        """Spawner thread: top the pool up whenever create() took one.
+
+        NOTE: the sandboxes it prepares have this thread as their parent
+        (their parent-death signal watches it), so it lives until close().
+        """
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            if self.closing:
+                return
+            while len(self.ready) < self.prepared_target:
+                try:
+                    container = self.prepare_one()
+                except Exception:
+                    log.exception("preparing a sandbox failed")
+                    break
+                with self.ready_lock:
+                    if self.closing:
+                        container.destroy()
+                        return
+                    self.ready.append(container)
+
+    def discard_prepared(self):
+        with self.ready_lock:
+            prepared, self.ready = list(self.ready), collections.deque()
+        for container in prepared:
+            container.destroy()
 
     def sweep(self):
         """Remove every sandbox an earlier worker left: processes and
@@ -107,6 +180,12 @@ class SockBackend:
         return sorted(set(swept) | set(leftover_dirs))
 
     def close(self):
+        with self.ready_lock:
+            self.closing = True
+        self.wanted.set()
+        if self.spawner is not None:
+            self.spawner.join()
+        self.discard_prepared()
         self.tree.destroy()
 
 

@@ -17,6 +17,8 @@ SandboxError naming the step, the sandbox and the errno.
 """
 
 import errno
+import fcntl
+import json
 import logging
 import os
 import secrets
@@ -24,7 +26,10 @@ import shutil
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import prctl
 
 from sockworker import errors
 from sockworker.guest import protocol
@@ -37,7 +42,8 @@ GUEST_SERVER = "/opt/sockworker/guest/server.py"
 LISTEN_FD = 3
 
 # States of a container's life; destroy() is valid from all of them.
-NEW, RUNNING, PAUSED, DESTROYED = "new", "running", "paused", "destroyed"
+NEW, PREPARED = "new", "prepared"
+RUNNING, PAUSED, DESTROYED = "running", "paused", "destroyed"
 
 
 class SandboxError(Exception):
@@ -47,18 +53,12 @@ class SandboxError(Exception):
 
 @dataclass(frozen=True)
 class ContainerSpec:
-    """What a container is made of.
+    """How containers of one backend are made; the layers and environment
+    of a particular lambda are given to Container.start()."""
 
-    layers: host directories stacked read-only under the root, topmost
-    first (the lambda's code layer, the guest runtime layer, the base
-    image); each is a tree seen from the container's /.
-    """
-
-    layers: tuple
     limits: Limits
     network: str = "none"
     scratch_bytes: int = 64 << 20
-    env: dict = field(default_factory=dict)
     python: str = "/usr/bin/python3"
     code_dir: str = "/handler"
     hostname: str = "sandbox"
@@ -106,19 +106,45 @@ class Container:
         self.state = NEW
         self.conn = None
         self.exit_status = None
+        self.setup_pid = None
+        self.go_fd = -1
+        self.report_fd = -1
 
     def __repr__(self):
         return f"<Container {self.id} pid={self.pid} {self.state}>"
 
-    def create(self):
+    def create(self, layers, env=None):
+        """prepare() then start(): a container ready to serve."""
+        self.prepare()
+        self.start(layers, env)
+
+    def prepare(self):
+        """Everything that does not depend on the lambda: directory,
+        cgroups, sockets, and a setup child that has joined the cgroups,
+        entered new namespaces and mounted the scratch space, waiting.
+
+        PERF: joining a v1 cgroup can wait for an RCU grace period (10 ms
+        and more when the machine was idle), so the backend prepares
+        sandboxes ahead of demand and only start() is on the request path.
+        """
         try:
             self.prepare_directory()
             self.cgroup.create(self.spec.limits)
-            listener = self.bind_socket()
-            try:
-                self.pid = self.spawn(listener)
-            finally:
-                listener.close()
+            self.spawn_setup_child()
+        except BaseException:
+            self.destroy()
+            raise
+        self.state = PREPARED
+
+    def start(self, layers, env=None):
+        """Stack layers (topmost first) as the root and run the guest
+        server with environment env; returns once connected."""
+        if self.state != PREPARED:
+            raise SandboxError(f"start sandbox {self.id}: it is {self.state}")
+        try:
+            self.link_layers(layers)
+            self.send_go(len(layers), env or {})
+            self.pid = self.parse_report(self.collect_report())
             self.state = RUNNING
             self.connect()
         except BaseException:
@@ -131,8 +157,11 @@ class Container:
         os.makedirs(paths.dir, mode=0o700)
         os.mkdir(paths.root)
         os.mkdir(paths.scratch)
-        for index, layer in enumerate(self.spec.layers):
-            os.symlink(layer, os.path.join(paths.dir, paths.layer_link(index)))
+
+    def link_layers(self, layers):
+        for index, layer in enumerate(layers):
+            link = os.path.join(self.paths.dir, self.paths.layer_link(index))
+            os.symlink(layer, link)
 
     def bind_socket(self):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -147,32 +176,64 @@ class Container:
             ) from exc
         return listener
 
-    def spawn(self, listener):
-        """Fork the setup child; returns the container init's pid."""
+    def spawn_setup_child(self):
+        """Fork the setup child. It keeps the read end of the go pipe and
+        the write end of the report pipe; the worker keeps the others."""
+        listener = self.bind_socket()
         log_fd = os.open(
             self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
         )
-        cgroup_fd = self.open_cgroup_fd()
-        report_r, report_w = os.pipe()
+        cgroup_fd = -1
+        go_r = go_w = report_r = report_w = -1
         try:
+            cgroup_fd = self.open_cgroup_fd()
+            go_r, go_w = os.pipe()
+            report_r, report_w = os.pipe()
             child = os.fork()
             if child == 0:
-                os.close(report_r)
                 run_setup_child(
-                    self, listener.fileno(), log_fd, cgroup_fd, report_w
+                    self,
+                    SetupFds(
+                        listener.fileno(), log_fd, cgroup_fd, go_r, report_w
+                    ),
                 )
-            os.close(report_w)
-            report_w = -1
-            report = read_report(report_r)
-            reap_setup_child(child)
+            self.setup_pid = child
+            self.go_fd, go_w = go_w, -1
+            self.report_fd, report_r = report_r, -1
         finally:
-            os.close(report_r)
-            if report_w >= 0:
-                os.close(report_w)
-            os.close(log_fd)
-            if cgroup_fd >= 0:
-                os.close(cgroup_fd)
-        return self.parse_report(report)
+            for fd in (go_r, go_w, report_r, report_w, log_fd, cgroup_fd):
+                if fd >= 0:
+                    os.close(fd)
+            listener.close()
+
+    def send_go(self, layer_count, env):
+        message = json.dumps({"layers": layer_count, "env": env}) + "\n"
+        try:
+            os.write(self.go_fd, message.encode())
+        except BrokenPipeError:
+            # The setup child is gone; its report says why.
+            pass
+        finally:
+            os.close(self.go_fd)
+            self.go_fd = -1
+
+    def collect_report(self):
+        try:
+            report = read_report(self.report_fd)
+        finally:
+            os.close(self.report_fd)
+            self.report_fd = -1
+        self.reap_setup_child()
+        return report
+
+    def reap_setup_child(self):
+        if self.setup_pid is None:
+            return
+        try:
+            os.waitpid(self.setup_pid, 0)
+        except ChildProcessError:
+            pass
+        self.setup_pid = None
 
     def open_cgroup_fd(self):
         if not CLONE_INTO_CGROUP:
@@ -286,8 +347,8 @@ class Container:
     def check_usable(self):
         if self.state == DESTROYED:
             raise SandboxError(f"sandbox {self.id} is destroyed")
-        if self.state == NEW:
-            raise SandboxError(f"sandbox {self.id} is not created")
+        if self.state in (NEW, PREPARED):
+            raise SandboxError(f"sandbox {self.id} is not started")
 
     def alive(self):
         return self.state in (RUNNING, PAUSED) and self.wait_exit(0) is None
@@ -299,12 +360,19 @@ class Container:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+        for fd in (self.go_fd, self.report_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.go_fd = self.report_fd = -1
         try:
             self.cgroup.destroy()
         finally:
+            # Closing the go pipe ended a waiting setup child; the cgroup
+            # kill ended the rest.
+            self.reap_setup_child()
             self.reap()
             remove_tree(self.paths.dir)
-        if previous != NEW:
+        if previous not in (NEW, PREPARED):
             log.info("sandbox %s destroyed, pid %s", self.id, self.pid)
 
     def reap(self):
@@ -336,11 +404,6 @@ def read_report(fd):
         chunks.append(chunk)
 
 
-def reap_setup_child(pid):
-    _, status = os.waitpid(pid, 0)
-    return status
-
-
 # ---------------------------------------------------------------------
 # Child side. Everything below runs in forked processes, never returns
 # and never logs (the logging lock may have been held by another thread at
@@ -370,64 +433,105 @@ class Step:
             os._exit(127)
 
 
-def run_setup_child(container, listen_fd, log_fd, cgroup_fd, report_fd):
-    """First child: cgroups, namespaces and mounts, then the init."""
+class SetupFds(NamedTuple):
+    """The setup child's fds: what the init inherits (listen, log), the
+    v2 cgroup for clone3 (or -1), and the two pipes to the worker."""
+
+    listen: int
+    log: int
+    cgroup: int
+    go: int
+    report: int
+
+
+def run_setup_child(container, fds):
+    """First child: cgroups, namespaces and scratch space now; the root
+    and the init once the worker says go."""
     status = 127
     try:
-        step = Step(report_fd)
-        spec = container.spec
-        paths = container.paths
-        # With a v2 fd, clone3 places the init in the v2 cgroup; only the
-        # v1 hierarchies (hybrid layout) need a cgroup.procs write.
-        if cgroup_fd >= 0:
-            joins = container.cgroup.v1_procs_files()
-        else:
-            joins = container.cgroup.procs_files()
-        for procs in joins:
-            step(f"join cgroup {procs}", write_file, procs, "0")
-        flags = namespaces.unshare_flags(spec.network)
-        step("unshare namespaces", native.unshare, flags)
-        step("make mounts private", mounts.make_mounts_private)
-        step("chdir to sandbox directory", os.chdir, paths.dir)
-        step(
-            f"mount scratch tmpfs on {paths.scratch}",
-            mounts.mount_scratch,
-            "scratch",
-            spec.scratch_bytes,
-        )
-        lowers = [paths.layer_link(i) for i in range(len(spec.layers))]
-        step(
-            f"mount overlay on {paths.root}",
-            mounts.mount_overlay,
-            "root",
-            lowers,
-            "scratch",
-        )
-        step("mount /dev", mounts.mount_dev, "root")
-        if spec.network == "none":
-            step("bring up loopback", namespaces.bring_up_loopback)
-        step("set hostname", namespaces.set_hostname, spec.hostname)
+        step = Step(fds.report)
+        step("close inherited fds", close_fds_except, set(fds) | {0, 1, 2})
+        step("set parent-death signal", prctl.set_pdeathsig, signal.SIGKILL)
+        join_cgroups(container.cgroup, fds.cgroup, step)
+        enter_namespaces(container, step)
+        go = step("wait for go", read_go, fds.go)
+        if go is None:
+            return
+        mount_root(container, go["layers"], step)
         pid = step(
             "clone3 into a new PID namespace",
             native.clone3,
             native.CLONE_NEWPID | native.CLONE_PARENT,
-            cgroup_fd,
+            fds.cgroup,
         )
         if pid == 0:
-            run_init(container, listen_fd, log_fd, step)
-        os.write(report_fd, f"pid {pid}\n".encode())
+            run_init(container, fds, go["env"], step)
+        os.write(fds.report, f"pid {pid}\n".encode())
         status = 0
     finally:
         os._exit(status)
 
 
-def run_init(container, listen_fd, log_fd, step):
+def join_cgroups(cgroup, cgroup_fd, step):
+    # With a v2 fd, clone3 places the init in the v2 cgroup; only the v1
+    # hierarchies (hybrid layout) need a cgroup.procs write.
+    if cgroup_fd >= 0:
+        joins = cgroup.v1_procs_files()
+    else:
+        joins = cgroup.procs_files()
+    for procs in joins:
+        step(f"join cgroup {procs}", write_file, procs, "0")
+
+
+def enter_namespaces(container, step):
+    spec = container.spec
+    flags = namespaces.unshare_flags(spec.network)
+    step("unshare namespaces", native.unshare, flags)
+    step("make mounts private", mounts.make_mounts_private)
+    step("chdir to sandbox directory", os.chdir, container.paths.dir)
+    step(
+        f"mount scratch tmpfs on {container.paths.scratch}",
+        mounts.mount_scratch,
+        "scratch",
+        spec.scratch_bytes,
+    )
+    if spec.network == "none":
+        step("bring up loopback", namespaces.bring_up_loopback)
+    step("set hostname", namespaces.set_hostname, spec.hostname)
+
+
+def read_go(fd):
+    """The worker's go message (one line), or None if it closed the pipe
+    instead because the prepared sandbox is being destroyed."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data)
+
+
+def mount_root(container, layer_count, step):
+    paths = container.paths
+    lowers = [paths.layer_link(i) for i in range(layer_count)]
+    step(
+        f"mount overlay on {paths.root}",
+        mounts.mount_overlay,
+        "root",
+        lowers,
+        "scratch",
+    )
+    step("mount /dev", mounts.mount_dev, "root")
+
+
+def run_init(container, fds, env, step):
     """The container's PID 1: /proc, the root switch, privileges, exec."""
     spec = container.spec
     try:
         step("mount /proc", mounts.mount_proc, "root")
         step("pivot_root into the overlay", mounts.enter_root, "root")
-        step("set up stdio", set_up_stdio, listen_fd, log_fd, step)
+        step("set up stdio", set_up_stdio, fds.listen, fds.log, step)
         step("drop bounding set", privileges.drop_bounding_set)
         step("become nobody", privileges.become_user)
         step("lock privileges", privileges.lock_privileges)
@@ -441,9 +545,7 @@ def run_init(container, listen_fd, log_fd, step):
             "--listen-fd",
             str(LISTEN_FD),
         ]
-        step(
-            f"exec {spec.python}", os.execve, spec.python, argv, dict(spec.env)
-        )
+        step(f"exec {spec.python}", os.execve, spec.python, argv, env)
     finally:
         os._exit(127)
 
@@ -451,15 +553,22 @@ def run_init(container, listen_fd, log_fd, step):
 def set_up_stdio(listen_fd, log_fd, step):
     """fd 0 /dev/null, 1 and 2 the sandbox log, 3 the listening socket,
     and nothing else open except the report pipe (close-on-exec)."""
-    # Lift both above 3 first so that dup2 into 1..3 cannot clobber one.
-    listen_high = os.dup(listen_fd)
-    log_high = os.dup(log_fd)
+    # Lift both to 10 and up first: a dup2 into 0..3 must neither clobber
+    # one nor be a same-fd no-op, which would keep close-on-exec set.
+    listen_high = fcntl.fcntl(listen_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    log_high = fcntl.fcntl(log_fd, fcntl.F_DUPFD_CLOEXEC, 10)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(log_high, 1)
     os.dup2(log_high, 2)
     os.dup2(listen_high, LISTEN_FD)
-    keep = {0, 1, 2, LISTEN_FD, step.report_fd}
+    close_fds_except({0, 1, 2, LISTEN_FD, step.report_fd})
+
+
+def close_fds_except(keep):
+    """Close every fd not in keep: a forked child holds copies of all the
+    worker's fds (other sandboxes' pipes and connections among them),
+    which would keep those open past their owners' close."""
     for fd in list_fds():
         if fd not in keep:
             try:
