@@ -17,12 +17,18 @@ import sys
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers.gthread import ThreadWorker
 
 from sockworker.config import ConfigError, load_config
 
 log = logging.getLogger("sockworker")
 
 EXIT_CONFIG = 2
+# sun_path holds 108 bytes with the terminating NUL.
+UNIX_PATH_MAX = 107
+# The longest socket path under the state directory, from
+# sandbox/container.py: sandboxes/<"sb-" + 12 hex digits>/sock.
+SANDBOX_SOCKET_TAIL = "/sandboxes/sb-000000000000/sock"
 DOCKER_SOCKET = "/var/run/docker.sock"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
@@ -46,6 +52,7 @@ def main(argv=None):
     try:
         config = load_config(args.config)
         check_sandbox_backend(config)
+        check_state_dir_length(config)
     except (ConfigError, StartupError) as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -82,6 +89,19 @@ def check_sandbox_backend(config):
         'sandbox "docker" is not available in this version of sockworker; '
         'set "sandbox": "sock"'
     )
+
+
+def check_state_dir_length(config):
+    """Sandbox sockets are bound under the state directory; refuse one
+    too long for a Unix socket path now rather than fail every request."""
+    longest = len(os.fsencode(config.state_dir + SANDBOX_SOCKET_TAIL))
+    if longest > UNIX_PATH_MAX:
+        room = UNIX_PATH_MAX - len(SANDBOX_SOCKET_TAIL)
+        raise StartupError(
+            f'field "state_dir": {config.state_dir} is too long for the '
+            f"sandbox sockets under it (at most {room} bytes); choose a "
+            "shorter state_dir"
+        )
 
 
 def docker_reachable():
@@ -160,6 +180,20 @@ def final_sweep(config):
         log.exception("final sweep of %s failed", config.state_dir)
 
 
+class DrainingThreadWorker(ThreadWorker):
+    """gthread, but once it stops accepting at shutdown it closes its
+    listening sockets too. The master has closed its copies already; with
+    ours open, the kernel would keep queueing new connections that nobody
+    accepts until the drain ends, and then reset them. Closed, they are
+    refused at once and a client or load balancer can go elsewhere."""
+
+    def set_accept_enabled(self, enabled):
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+
+
 class DrainingArbiter(Arbiter):
     """SIGINT drains in-flight requests like SIGTERM instead of dropping
     them: a worker node behind a load balancer stops the same way
@@ -184,7 +218,11 @@ class WorkerApplication(BaseApplication):
         settings = {
             "bind": [f"{config.worker_host}:{config.worker_port}"],
             "workers": 1,
-            "worker_class": "gthread",
+            "worker_class": DrainingThreadWorker,
+            # gunicorn's control socket lives in $HOME, shared by every
+            # worker on the host, and can change the worker count, which
+            # would break the one-owner model above.
+            "control_socket_disable": True,
             "threads": config.http_threads,
             "graceful_timeout": int(config.timeout_seconds) + 5,
             "timeout": 30,

@@ -51,14 +51,32 @@ def encode_request(body):
     return len(body).to_bytes(HEAD_SIZE, "big") + body
 
 
-def recv_request(sock):
-    """The next request body, or None when the peer closed cleanly."""
-    head = recv_exact(sock, HEAD_SIZE)
-    if not head:
+def recv_request(sock, first_read=65536):
+    """The next request body, or None when the peer closed cleanly.
+
+    PERF: like recv_reply, one recv usually brings the whole request. The
+    worker never sends a second request before the reply to the first, so
+    nothing past the frame can arrive in the same read.
+    """
+    data = sock.recv(first_read)
+    if not data:
         return None
-    size = int.from_bytes(head, "big")
+    while len(data) < HEAD_SIZE:
+        more = sock.recv(first_read)
+        if not more:
+            raise ProtocolError("peer closed mid-header")
+        data += more
+    size = int.from_bytes(data[:HEAD_SIZE], "big")
     check_size(size, "request")
-    return bytes(recv_exact(sock, size)) if size else b""
+    end = HEAD_SIZE + size
+    if len(data) > end:
+        raise ProtocolError(f"{len(data) - end} bytes after a request")
+    if len(data) < end:
+        rest = recv_exact(sock, end - len(data))
+        if not rest:
+            raise ProtocolError("peer closed mid-request")
+        data += rest
+    return bytes(data[HEAD_SIZE:end])
 
 
 def encode_reply(status, payload):
@@ -66,11 +84,28 @@ def encode_reply(status, payload):
     return head + payload
 
 
-def recv_reply(sock):
-    """(status, payload) of the next reply; raises if the peer closed."""
-    head = recv_exact(sock, REPLY_HEAD_SIZE)
-    if not head:
-        raise ProtocolError("sandbox closed the connection")
-    size = int.from_bytes(head[1:], "big")
+def recv_reply(sock, first_read=65536):
+    """(status, payload) of the next reply; raises if the peer closed.
+
+    PERF: one recv usually brings the whole reply, so the header is not
+    read on its own.
+    """
+    data = sock.recv(first_read)
+    while len(data) < REPLY_HEAD_SIZE:
+        if not data:
+            raise ProtocolError("sandbox closed the connection")
+        more = sock.recv(first_read)
+        if not more:
+            raise ProtocolError("sandbox closed the connection mid-header")
+        data += more
+    size = int.from_bytes(data[1:REPLY_HEAD_SIZE], "big")
     check_size(size, "reply")
-    return head[0], bytes(recv_exact(sock, size)) if size else b""
+    end = REPLY_HEAD_SIZE + size
+    if len(data) > end:
+        raise ProtocolError(f"{len(data) - end} bytes after a reply")
+    if len(data) < end:
+        rest = recv_exact(sock, end - len(data))
+        if not rest:
+            raise ProtocolError("sandbox closed the connection mid-reply")
+        data += rest
+    return data[0], bytes(data[REPLY_HEAD_SIZE:end])
