@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ def wait_for_port(port, proc, timeout=120):
     raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
 
 
-def start_worker(tmp, images_dir):
+def start_worker(tmp, images_dir, extra_config=None):
     registry = os.path.join(tmp, "registry")
     os.makedirs(registry)
     with open(os.path.join(registry, "noop.py"), "w") as f:
@@ -64,9 +65,7 @@ def start_worker(tmp, images_dir):
         "state_dir": os.path.join(tmp, "state"),
         "images_dir": images_dir,
         "http_threads": THREADS,
-        "max_instances_per_lambda": int(
-            os.environ.get("BENCH_INSTANCES", "4")
-        ),
+        **(extra_config or {}),
     }
     path = os.path.join(tmp, "config.json")
     with open(path, "w") as f:
@@ -157,7 +156,19 @@ def parse_wrk(out):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="alternating rounds per connection count",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=4,
+        help="max_instances_per_lambda of the worker",
+    )
     parser.add_argument(
         "--connections", type=int, nargs="+", default=[1, 8, 64]
     )
@@ -173,29 +184,62 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    results = {}
     with tempfile.TemporaryDirectory(prefix="sockworker-warm-") as tmp:
         script = os.path.join(tmp, "post.lua")
         with open(script, "w") as f:
             f.write(WRK_SCRIPT)
-        for name, start in (
-            ("bare falcon", start_bare),
-            ("sockworker", lambda: start_worker(tmp, args.images_dir)),
-        ):
-            proc, port = start()
-            try:
-                # One request first, so the lambda's sandbox exists.
-                run_wrk(port, 1, 1, script)
-                results[name] = {
-                    str(c): run_wrk(port, c, args.seconds, script)
-                    for c in args.connections
-                }
-            finally:
+        servers = {}
+        try:
+            servers["bare falcon"] = start_bare()
+            servers["sockworker"] = start_worker(
+                tmp,
+                args.images_dir,
+                {"max_instances_per_lambda": args.instances},
+            )
+            ports = {name: port for name, (_, port) in servers.items()}
+            results = measure_interleaved(ports, args, script)
+        finally:
+            for proc, _ in servers.values():
                 stop(proc)
     print_table(results, args.connections)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def measure_interleaved(ports, args, script):
+    """Alternate the servers round by round so that both see the same
+    background load; report per-server medians over rounds and the
+    median of the per-round ratios to the bare app."""
+    for port in ports.values():
+        # One request first, so the lambda's sandbox exists.
+        run_wrk(port, 1, 1, script)
+    results = {name: {} for name in ports}
+    for connections in args.connections:
+        rounds = {name: [] for name in ports}
+        names = list(ports)
+        for index in range(args.rounds):
+            for name in names if index % 2 == 0 else reversed(names):
+                rounds[name].append(
+                    run_wrk(ports[name], connections, args.seconds, script)
+                )
+        bare = rounds["bare falcon"]
+        for name, runs in rounds.items():
+            results[name][str(connections)] = {
+                "rps": statistics.median(r["rps"] for r in runs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                "non_2xx": sum(r["non_2xx"] for r in runs),
+                "of_bare": round(
+                    statistics.median(
+                        r["rps"] / b["rps"]
+                        for r, b in zip(runs, bare, strict=True)
+                    ),
+                    3,
+                ),
+                "rounds": len(runs),
+            }
+    return results
 
 
 def print_table(results, connections):
@@ -206,10 +250,9 @@ def print_table(results, connections):
     for name, rows in results.items():
         for c in connections:
             row = rows[str(c)]
-            bare = results["bare falcon"][str(c)]["rps"]
             print(
-                f"{name:<12} {c:>5} {row['rps']:>8} {row['p50_ms']:>8} "
-                f"{row['p99_ms']:>8} {row['rps'] / bare:>8.0%}"
+                f"{name:<12} {c:>5} {row['rps']:>8.0f} {row['p50_ms']:>8} "
+                f"{row['p99_ms']:>8} {row['of_bare']:>8.0%}"
             )
 
 

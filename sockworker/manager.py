@@ -59,11 +59,12 @@ class LambdaManager:
     eviction or after a failure; no sandbox serves two requests at once.
     """
 
-    def __init__(self, config, registry, backend, stats):
+    def __init__(self, config, registry, backend, stats, packages=None):
         self.config = config
         self.registry = registry
         self.backend = backend
         self.recorder = stats
+        self.packages = packages
         self.pools = {}
         self.pools_lock = threading.Lock()
         self.total = 0
@@ -182,7 +183,9 @@ class LambdaManager:
     def create_instance(self, pool, code):
         self.count_version(code, +1)
         try:
-            sandbox = self.backend.create(code.root)
+            sandbox = self.backend.create(
+                code.root, packages=self.package_layers(code)
+            )
         except BaseException:
             self.count_version(code, -1)
             with pool.cond:
@@ -195,6 +198,16 @@ class LambdaManager:
             pool.busy += 1
         log.info("instance of %s created in sandbox %s", pool.name, sandbox.id)
         return Instance(sandbox, code)
+
+    def package_layers(self, code):
+        """Overlay layers of the packages code declares, installed on
+        first use."""
+        if not code.requirements or self.packages is None:
+            return ()
+        return tuple(
+            package.layer
+            for package in self.packages.resolve(code.requirements)
+        )
 
     def release(self, pool, instance):
         instance.requests += 1

@@ -194,7 +194,7 @@ class _Entry:
     stamp: object
 
 
-class _Budget:
+class Budget:
     """Counts members and bytes of one lambda against the limits."""
 
     def __init__(self, max_bytes, max_members, label):
@@ -299,7 +299,7 @@ def _member_of(archive, info, budget, label):
     )
 
 
-def _read_tar(data, budget, label):
+def read_tar(data, budget, label):
     """Read every member of a gzip tarball into memory, within limits."""
     members = []
     try:
@@ -496,7 +496,7 @@ def _symlink_problem(path, symlinks):
     return None
 
 
-def _check_paths(members, label):
+def check_paths(members, label):
     """Refuse duplicate paths, members under a non-directory, overlong
     names and hard links to anything but an earlier regular file."""
     seen = {}
@@ -539,7 +539,7 @@ def _check_paths(members, label):
         seen[path] = member
 
 
-def _check_symlinks(members, label):
+def check_symlinks(members, label):
     symlinks = {m.path: m.link for m in members if m.kind == "symlink"}
     for path, target in symlinks.items():
         shown = "/".join(path)
@@ -574,8 +574,8 @@ def _file_data(members, name, label):
 
 def _check_tree(members, label):
     """All structural checks that must pass before anything is written."""
-    _check_paths(members, label)
-    _check_symlinks(members, label)
+    check_paths(members, label)
+    check_symlinks(members, label)
     if _file_data(members, HANDLER_FILE, label) is None:
         raise LambdaInvalid(
             f"{label}: no {HANDLER_FILE} at the top of the code (a tarball "
@@ -626,7 +626,7 @@ def _hash_tree(members):
     return digest.hexdigest()[:32]
 
 
-def _write_tree(members, top):
+def write_tree(members, top):
     """Create `members` under the empty directory `top`. Parents are
     created here first, so no path written goes through a symlink."""
     dirs = {m.path for m in members if m.kind == "dir"}
@@ -673,7 +673,7 @@ class _LocalSource:
         stamp = self._stamp(form, path, label)
         if entry is not None and (entry.form, entry.stamp) == (form, stamp):
             return _Probe(form, path, stamp, None)
-        budget = _Budget(self.max_bytes, self.max_members, label)
+        budget = Budget(self.max_bytes, self.max_members, label)
         if form == "folder":
             members = _read_folder(path, budget, label)
         else:
@@ -749,7 +749,7 @@ class _HttpSource:
             if result == "not modified":
                 return _Probe(form, url, validators, None)
             data, stamp = result
-            budget = _Budget(self.max_bytes, self.max_members, label)
+            budget = Budget(self.max_bytes, self.max_members, label)
             members = _members_of_file(form, data, name, budget, label)
             return _Probe(form, url, stamp, members)
         raise LambdaNotFound(
@@ -827,7 +827,7 @@ def _members_of_file(form, data, name, budget, label):
         budget.take_member(HANDLER_FILE)
         budget.take_bytes(len(data), HANDLER_FILE)
         return [_Member((HANDLER_FILE,), "file", data)]
-    return _strip_top_folder(_read_tar(data, budget, label), name)
+    return _strip_top_folder(read_tar(data, budget, label), name)
 
 
 def _source_for(location, max_bytes, max_members, timeout):
@@ -1020,7 +1020,7 @@ class Registry:
             for directory in (os.path.dirname(handler), handler):
                 os.mkdir(directory, _DIR_MODE)
                 os.chmod(directory, _DIR_MODE)
-            _write_tree(members, handler)
+            write_tree(members, handler)
             self._move_into_place(tmp, name, version)
         except OSError as err:
             raise OSError(

@@ -7,6 +7,7 @@ import os
 
 from sockworker.api.app import create_app
 from sockworker.manager import LambdaManager
+from sockworker.packages import PackageStore, install_backend_factory
 from sockworker.registry import Registry
 from sockworker.stats import Stats
 
@@ -25,13 +26,15 @@ class Runtime:
             refresh_seconds=config.registry_refresh_seconds,
             max_bytes=config.max_code_bytes,
         )
+        self.packages = make_package_store(config, image_path)
         self.manager = LambdaManager(
-            config, self.registry, self.backend, Stats()
+            config, self.registry, self.backend, Stats(), self.packages
         )
 
     def start(self):
         """Sweep leftovers, start the manager; returns the WSGI app."""
         self.registry.sweep()
+        self.packages.sweep()
         self.backend.start()
         self.manager.start()
         return create_app(self.manager, self.config)
@@ -42,3 +45,15 @@ class Runtime:
         self.manager.shutdown(drain_seconds=self.config.timeout_seconds)
         self.backend.close()
         log.info("stopped")
+
+
+def make_package_store(config, image_path):
+    """The package store and the sandboxes that install into it; their
+    state sits beside, not inside, the serving backend's, whose start-up
+    sweep would otherwise remove install sandboxes."""
+    return PackageStore(
+        os.path.join(config.state_dir, "packages"),
+        install_backend_factory(
+            os.path.join(config.state_dir, "installs"), image_path
+        ),
+    )

@@ -38,6 +38,13 @@ def mount_points():
 
 
 def sockworker_cgroups():
+    """Every sockworker cgroup directory of this test session.
+
+    On a hybrid host the v1 memory hierarchy nests trees under the memory
+    cgroup of the process that made them, so trees made by other sessions
+    on the same machine (another test run, a benchmark) are told apart by
+    it and left out; elsewhere every sockworker tree counts.
+    """
     found = []
     for top, dirs, _ in os.walk("/sys/fs/cgroup"):
         for name in dirs:
@@ -46,7 +53,35 @@ def sockworker_cgroups():
         # Sandbox cgroups sit two levels below a sockworker tree at most.
         if top.count("/") > 8:
             dirs[:] = []
-    return sorted(found)
+    ours = own_tree_names()
+    if ours is None:
+        return sorted(found)
+    return sorted(p for p in found if tree_name_of(p) in ours)
+
+
+def own_tree_names():
+    """Names of the sockworker trees under this process's v1 memory
+    cgroup, or None when there is no v1 memory hierarchy."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "memory" in controllers.split(","):
+                start = "/sys/fs/cgroup/memory" + path.rstrip("/")
+                if not os.path.isdir(start):
+                    return None
+                return {
+                    name
+                    for name in os.listdir(start)
+                    if name.startswith("sockworker")
+                }
+    return None
+
+
+def tree_name_of(path):
+    for part in path.split("/"):
+        if part.startswith("sockworker"):
+            return part
+    return None
 
 
 def child_processes():

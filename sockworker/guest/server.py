@@ -29,6 +29,9 @@ else:
     import protocol
 
 
+PACKAGES_DIR = "/opt/sockworker/packages"
+
+
 class Handler:
     """The lambda's entry point, or the reason it could not be loaded."""
 
@@ -36,6 +39,8 @@ class Handler:
         self.function = None
         self.load_error = None
         sys.path.insert(0, code_dir)
+        # The lambda's declared packages, merged by the overlay.
+        sys.path.insert(1, PACKAGES_DIR)
         try:
             module = __import__(module_name)
             self.function = getattr(module, function_name)

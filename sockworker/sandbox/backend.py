@@ -103,13 +103,13 @@ class SockBackend:
             self.wanted.set()
         log.info("sock backend ready: %s", self.layout.describe())
 
-    def create(self, code_root, env=None):
-        """A running container for the code layer at code_root."""
+    def create(self, code_root, env=None, packages=()):
+        """A running container for the code layer at code_root, with the
+        package layers `packages` (paths) stacked beneath it."""
         container = self.take_prepared() or self.prepare_one()
         self.wanted.set()
-        container.start(
-            (code_root, self.guest_layer, self.image_path), env or {}
-        )
+        layers = (code_root, *packages, self.guest_layer, self.image_path)
+        container.start(layers, env or {})
         return container
 
     def prepare_one(self):

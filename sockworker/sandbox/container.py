@@ -16,6 +16,7 @@ errno to a close-on-exec pipe and ends in os._exit; the worker raises
 SandboxError naming the step, the sandbox and the errno.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -40,6 +41,7 @@ from sockworker.sandbox.cgroups import Limits
 log = logging.getLogger(__name__)
 
 GUEST_SERVER = "/opt/sockworker/guest/server.py"
+SOCKET_NAME = "sock"
 LISTEN_FD = 3
 
 # States of a container's life; destroy() is valid from all of them.
@@ -83,11 +85,22 @@ class SandboxPaths:
         self.dir = os.path.join(sandboxes_dir, sandbox_id)
         self.root = os.path.join(self.dir, "root")
         self.scratch = os.path.join(self.dir, "scratch")
-        self.socket = os.path.join(self.dir, "sock")
+        self.socket = os.path.join(self.dir, SOCKET_NAME)
         self.log = os.path.join(self.dir, "log")
 
     def layer_link(self, index):
         return f"l{index}"
+
+    @contextlib.contextmanager
+    def short_socket_path(self):
+        """The socket's path by way of a directory fd, for bind and
+        connect: a Unix socket address holds at most 107 bytes, which a
+        deep state directory would exceed."""
+        dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}"
+        finally:
+            os.close(dir_fd)
 
 
 class Container:
@@ -171,7 +184,8 @@ class Container:
     def bind_socket(self):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(self.paths.socket)
+            with self.paths.short_socket_path() as path:
+                listener.bind(path)
             listener.listen(16)
         except OSError as exc:
             listener.close()
@@ -268,7 +282,8 @@ class Container:
     def connect(self):
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn.connect(self.paths.socket)
+            with self.paths.short_socket_path() as path:
+                conn.connect(path)
         except OSError as exc:
             conn.close()
             raise SandboxError(

@@ -852,28 +852,15 @@ def test_worker_keeps_serving_after_every_error(worker, registry):
     assert worker.get("/status").json()["state"] == "serving"
 
 
-def test_long_state_dir_serves_or_is_refused_at_start(
-    start_worker, registry, tmp_path
-):
-    """Sandbox sockets live under state_dir, and a Unix socket path has
-    at most 107 bytes. A state_dir too long for that must either work or
-    stop the worker at start with a message naming state_dir, never
-    start a worker whose every request fails."""
+def test_long_state_dir_serves(start_worker, registry, tmp_path):
+    """Sandbox sockets live under state_dir, and a Unix socket address
+    holds at most 107 bytes; a state_dir longer than that still serves
+    (sockets are bound and reached through a directory fd)."""
     registry.add("echo", ECHO)
     state_dir = str(tmp_path / ("s" * 100))
 
-    worker = start_worker.launch(state_dir=state_dir)
-    wait_until(
-        lambda: worker.listening.is_set() or worker.proc.poll() is not None,
-        60,
-    )
+    worker = start_worker(state_dir=state_dir)
+    reply = worker.run("echo", {"long": True})
 
-    if worker.proc.poll() is not None:
-        assert worker.wait() == 2, worker.stderr_text()
-        lines = worker.stderr_text().strip().splitlines()
-        assert len(lines) == 1 and "state_dir" in lines[0], lines
-    else:
-        worker.start_waiting()
-        reply = worker.run("echo", {"long": True})
-        assert reply.status == 200, reply
-        assert reply.json() == {"long": True}
+    assert reply.status == 200, reply
+    assert reply.json() == {"long": True}
