@@ -5,6 +5,7 @@ process, torn down when it exits."""
 import logging
 import os
 
+from sockworker.api.accesslog import buffered_sink_for_root_logger
 from sockworker.api.app import create_app
 from sockworker.manager import LambdaManager
 from sockworker.packages import PackageStore, install_backend_factory
@@ -19,6 +20,7 @@ class Runtime:
         from sockworker.cli import make_backend
 
         self.config = config
+        self.access_sink = None
         self.backend = make_backend(config, image_path)
         self.registry = Registry(
             config.registry,
@@ -37,7 +39,8 @@ class Runtime:
         self.packages.sweep()
         self.backend.start()
         self.manager.start()
-        return create_app(self.manager, self.config)
+        self.access_sink = buffered_sink_for_root_logger()
+        return create_app(self.manager, self.config, self.access_sink)
 
     def stop(self):
         """Drain and destroy every sandbox, then the cgroup tree."""
@@ -45,6 +48,8 @@ class Runtime:
         self.manager.shutdown(drain_seconds=self.config.timeout_seconds)
         self.backend.close()
         log.info("stopped")
+        if self.access_sink is not None:
+            self.access_sink.close()
 
 
 def make_package_store(config, image_path):

@@ -1,10 +1,10 @@
 """The WSGI application: routes, error handlers and the access log."""
 
-import logging
 import time
 
 import falcon
 
+from sockworker.api.accesslog import LoggingSink
 from sockworker.api.errors import register_error_handlers
 from sockworker.api.resources import (
     RunResource,
@@ -14,30 +14,22 @@ from sockworker.api.resources import (
 
 __all__ = ["AccessLog", "create_app"]
 
-access_log = logging.getLogger("sockworker.access")
-
 
 class AccessLog:
-    """Falcon middleware: one log line per request, written in
+    """Falcon middleware: one access line per request, recorded in
     process_response so that errors, unknown routes and 405s are logged
-    in the same place as successes.
+    in the same place as successes; `sink` decides how it is written."""
 
-    PERF: a middleware rather than a WSGI wrapper because Falcon already
-    knows the status and body by then; the cost is two method calls and a
-    clock read per request, and the line is formatted only when the logger
-    is enabled for INFO.
-    """
+    def __init__(self, sink):
+        self.sink = sink
 
     def process_request(self, req, resp):
         req.context.started = time.perf_counter()
 
     def process_response(self, req, resp, resource, req_succeeded):
-        if not access_log.isEnabledFor(logging.INFO):
-            return
         ms = (time.perf_counter() - req.context.started) * 1000.0
         data = resp.data
-        access_log.info(
-            "%s %s %d %d %.2fms",
+        self.sink.record(
             req.method,
             req.path,
             resp.status_code,
@@ -46,14 +38,14 @@ class AccessLog:
         )
 
 
-def create_app(manager, config):
+def create_app(manager, config, access_sink=None):
     """Build the Falcon WSGI app serving `manager` under `config`.
 
     Routes: POST /runLambda/{name} and POST /run/{name} run a lambda; GET
     /status and GET /stats report. Every error is JSON {"error": kind,
     "message": ...}.
     """
-    app = falcon.App(middleware=[AccessLog()])
+    app = falcon.App(middleware=[AccessLog(access_sink or LoggingSink())])
 
     run = RunResource(manager, config.max_body_bytes)
     app.add_route("/runLambda/{name}", run)

@@ -864,3 +864,19 @@ def test_long_state_dir_serves(start_worker, registry, tmp_path):
 
     assert reply.status == 200, reply
     assert reply.json() == {"long": True}
+
+
+def test_log_has_lifecycle_and_one_access_line_per_request(worker, registry):
+    registry.add("echo", ECHO)
+    for i in range(5):
+        assert worker.run("echo", {"i": i}).status == 200
+    assert worker.run("missing", {}).status == 404
+
+    worker.stop()
+    log = worker.log_text()
+
+    access = [line for line in log.splitlines() if "sockworker.access" in line]
+    assert sum("POST /run/echo 200" in line for line in access) == 5
+    assert sum("POST /run/missing 404" in line for line in access) == 1
+    assert "instance of echo created in sandbox" in log
+    assert "destroyed: worker shutting down" in log
