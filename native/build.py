@@ -34,18 +34,18 @@ CDEF = """
 #define MS_REMOUNT ...
 #define MNT_DETACH ...
 
-int sw_unshare(int flags);
-int sw_setns(int fd, int nstype);
-int sw_mount(const char *source, const char *target, const char *fstype,
-             unsigned long flags, const char *data);
-int sw_umount2(const char *target, int flags);
-int sw_pivot_root(const char *new_root, const char *put_old);
-long sw_clone3(unsigned long long flags, int cgroup_fd, int exit_signal);
-int sw_clone3_supported(void);
 """
 
+
+def declarations(header):
+    """The function declarations of header, without its preprocessor
+    lines, which cffi's parser does not take."""
+    lines = header.read_text().splitlines()
+    return "\n".join(line for line in lines if not line.startswith("#"))
+
+
 ffibuilder = cffi.FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(CDEF + declarations(HERE / "sockworker.h"))
 ffibuilder.set_source(
     "sockworker._native",
     '#include <sched.h>\n#include <sys/mount.h>\n#include "sockworker.h"',

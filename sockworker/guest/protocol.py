@@ -51,32 +51,12 @@ def encode_request(body):
     return len(body).to_bytes(HEAD_SIZE, "big") + body
 
 
-def recv_request(sock, first_read=65536):
-    """The next request body, or None when the peer closed cleanly.
-
-    PERF: like recv_reply, one recv usually brings the whole request. The
-    worker never sends a second request before the reply to the first, so
-    nothing past the frame can arrive in the same read.
-    """
-    data = sock.recv(first_read)
-    if not data:
+def recv_request(sock):
+    """The next request body, or None when the peer closed cleanly."""
+    frame = recv_frame(sock, HEAD_SIZE, "request")
+    if frame is None:
         return None
-    while len(data) < HEAD_SIZE:
-        more = sock.recv(first_read)
-        if not more:
-            raise ProtocolError("peer closed mid-header")
-        data += more
-    size = int.from_bytes(data[:HEAD_SIZE], "big")
-    check_size(size, "request")
-    end = HEAD_SIZE + size
-    if len(data) > end:
-        raise ProtocolError(f"{len(data) - end} bytes after a request")
-    if len(data) < end:
-        rest = recv_exact(sock, end - len(data))
-        if not rest:
-            raise ProtocolError("peer closed mid-request")
-        data += rest
-    return bytes(data[HEAD_SIZE:end])
+    return frame[1]
 
 
 def encode_reply(status, payload):
@@ -84,28 +64,39 @@ def encode_reply(status, payload):
     return head + payload
 
 
-def recv_reply(sock, first_read=65536):
-    """(status, payload) of the next reply; raises if the peer closed.
+def recv_reply(sock):
+    """(status, payload) of the next reply; raises if the peer closed."""
+    frame = recv_frame(sock, REPLY_HEAD_SIZE, "reply")
+    if frame is None:
+        raise ProtocolError("sandbox closed the connection")
+    head, payload = frame
+    return head[0], payload
 
-    PERF: one recv usually brings the whole reply, so the header is not
-    read on its own.
+
+def recv_frame(sock, head_size, what, first_read=65536):
+    """(head, payload) of the next frame, whose last four head bytes are
+    the payload length; None if the peer closed before sending any.
+
+    PERF: one recv usually brings the whole frame, so the head is not
+    read on its own. Each side sends one frame and waits for the answer,
+    so nothing past the frame can arrive in the same read.
     """
     data = sock.recv(first_read)
-    while len(data) < REPLY_HEAD_SIZE:
-        if not data:
-            raise ProtocolError("sandbox closed the connection")
+    if not data:
+        return None
+    while len(data) < head_size:
         more = sock.recv(first_read)
         if not more:
-            raise ProtocolError("sandbox closed the connection mid-header")
+            raise ProtocolError(f"peer closed mid-{what} header")
         data += more
-    size = int.from_bytes(data[1:REPLY_HEAD_SIZE], "big")
-    check_size(size, "reply")
-    end = REPLY_HEAD_SIZE + size
+    size = int.from_bytes(data[head_size - HEAD_SIZE : head_size], "big")
+    check_size(size, what)
+    end = head_size + size
     if len(data) > end:
-        raise ProtocolError(f"{len(data) - end} bytes after a reply")
+        raise ProtocolError(f"{len(data) - end} bytes after a {what}")
     if len(data) < end:
         rest = recv_exact(sock, end - len(data))
         if not rest:
-            raise ProtocolError("sandbox closed the connection mid-reply")
+            raise ProtocolError(f"peer closed mid-{what}")
         data += rest
-    return data[0], bytes(data[REPLY_HEAD_SIZE:end])
+    return data[:head_size], bytes(data[head_size:end])
