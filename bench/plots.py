@@ -44,7 +44,7 @@ def cold_start_chart(cold, path):
     measured = [row["median_ms"] for row in cold.values() if has_numbers(row)]
     # Log scale: docker and a SOCK sandbox differ by an order of
     # magnitude; the reason text starts at the smallest median.
-    text_x = min(measured) / 2 if measured else 1.0
+    text_x = min(measured) / 2 if measured else 1.2
     for y, (key, row) in zip(positions, cold.items(), strict=True):
         if not has_numbers(row):
             ax.text(
@@ -73,16 +73,19 @@ def cold_start_chart(cold, path):
             fontsize=8,
         )
     ax.set_yticks(positions, labels, fontsize=9)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
     ax.set_xscale("log")
     if measured:
         largest = max(
             row["p95_ms"] for row in cold.values() if has_numbers(row)
         )
         low, high = min(measured) / 3, largest * 6
-        ax.set_xlim(low, high)
-        ticks = [t for t in LOG_TICKS if low <= t <= high]
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
+    else:
+        low, high = 1, 1000
+    ax.set_xlim(low, high)
+    ticks = [t for t in LOG_TICKS if low <= t <= high]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("cold start, ms (bar: median, whisker: p95; log scale)")
     ax.set_title("Cold start of a no-op: sockworker and peers, same run")
     ax.grid(axis="x", which="both", alpha=0.3)
@@ -127,7 +130,7 @@ def warm_path_chart(warm, path):
 
 
 def scale_chart(scale, path):
-    """Cold starts/s against clients; PSS of the idle sandboxes."""
+    """Cold starts/s against clients; memory of the idle sandboxes."""
     fig, (rate_ax, pss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     rate = scale["cold_start_rate"]
     if not has_numbers(rate):
@@ -152,19 +155,26 @@ def scale_chart(scale, path):
     if not has_numbers(density):
         show_reason(pss_ax, density["reason"])
     else:
-        pss_ax.hist(density["pss_mib"], bins=20, color=BAR)
-        pss_ax.axvline(
-            density["median_pss_mib"],
-            color="black",
-            linestyle="--",
-            label=f"median {density['median_pss_mib']} MiB",
-        )
-        pss_ax.set_xlabel("PSS per idle sandbox, MiB")
-        pss_ax.set_ylabel("sandboxes")
-        pss_ax.legend()
-        pss_ax.grid(alpha=0.3)
+        memory_bars(pss_ax, density)
     pss_ax.set_title(idle_title(density))
     save(fig, path)
+
+
+def memory_bars(ax, density):
+    """Per idle sandbox: its memory limit, the median its cgroup is
+    charged, the median PSS of its processes."""
+    bars = [("limit", density["memory_mb"])]
+    if density.get("median_charged_mib") is not None:
+        bars.append(("charged (median)", density["median_charged_mib"]))
+    bars.append(("PSS (median)", density["median_pss_mib"]))
+    names = [name for name, _ in bars]
+    values = [value for _, value in bars]
+    ax.bar(names, values, color=[PEER] + [BAR] * (len(bars) - 1))
+    for x, value in enumerate(values):
+        ax.text(x, value, f"{value:g} MiB", ha="center", va="bottom")
+    ax.set_ylabel("MiB per idle sandbox")
+    ax.set_ylim(0, max(values) * 1.15)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def idle_title(density):

@@ -14,7 +14,10 @@ Distinct lambdas are run once each until that many instances exist (or a
 cap), and then, with all of them idle, the proportional set size (PSS) of
 every sandbox is read from /proc/<pid>/smaps_rollup of the processes in
 its cgroup. PSS charges shared pages (the image's Python, the page
-cache) in shares, so the sum over sandboxes is what they really cost.
+cache) in shares, so the sum over sandboxes is what their processes
+really cost; the memory their cgroups are charged is reported beside
+it, since it also holds kernel memory and the page cache a sandbox read
+first.
 
     /work/main/.venv/bin/python bench/scale.py --clients 1 2 4 8 16
 """
@@ -200,6 +203,11 @@ def density_figures(sandboxes, status, target, admitted, budget_mb, mb):
         raise BenchError("idle density: no running sandbox found in cgroups")
     pss = sorted(s["pss_kb"] for s in sandboxes)
     median_kb = statistics.median(pss)
+    charged = [s["charged_kb"] for s in sandboxes]
+    if None in charged:
+        median_charged = None
+    else:
+        median_charged = round(statistics.median(charged) / 1024, 2)
     return {
         "created": len(sandboxes),
         "target": target,
@@ -210,6 +218,7 @@ def density_figures(sandboxes, status, target, admitted, budget_mb, mb):
         "median_pss_mib": round(median_kb / 1024, 2),
         "max_pss_mib": round(pss[-1] / 1024, 2),
         "total_pss_mib": round(sum(pss) / 1024, 1),
+        "median_charged_mib": median_charged,
         # What the budget would hold if it were charged by real use.
         "fit_by_pss": int(budget_mb * 1024 // median_kb),
         "pss_mib": [round(kb / 1024, 2) for kb in pss],
@@ -236,9 +245,23 @@ def sandbox_memory(state_dir):
                 "id": sandbox_id,
                 "pids": pids,
                 "pss_kb": sum(pss_kb(pid) for pid in pids),
+                "charged_kb": charged_kb(path),
             }
         )
     return found
+
+
+def charged_kb(cgroup_dir):
+    """Memory the kernel charges to the sandbox's cgroup (its pages,
+    page cache it touched first, kernel memory), in kB; None where the
+    hierarchy has no memory controller."""
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        try:
+            with open(os.path.join(cgroup_dir, name), encoding="ascii") as f:
+                return int(f.read()) // 1024
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def read_pids(path):

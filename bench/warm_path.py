@@ -74,7 +74,11 @@ def start_worker(tmp, images_dir, extra_config=None):
         [PYTHON, os.path.join(TOP, "bin", "worker"), "--config", path],
         stdout=subprocess.DEVNULL,
     )
-    wait_for_port(port, proc)
+    try:
+        wait_for_port(port, proc)
+    except RuntimeError:
+        stop(proc)
+        raise
     return proc, port
 
 
@@ -101,7 +105,11 @@ def start_bare():
         ],
         stdout=subprocess.DEVNULL,
     )
-    wait_for_port(port, proc)
+    try:
+        wait_for_port(port, proc)
+    except RuntimeError:
+        stop(proc)
+        raise
     return proc, port
 
 
