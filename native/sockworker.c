@@ -3,6 +3,7 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/sched.h>
 #include <sched.h>
 #include <signal.h>
@@ -58,4 +59,31 @@ int sw_clone3_supported(void)
     long rc = syscall(SYS_clone3, NULL, 0);
 
     return !(rc < 0 && errno == ENOSYS);
+}
+
+/* The new mount API: a superblock configured key by key and turned into
+ * a mount that belongs to no namespace until someone attaches it, so the
+ * worker can build a root filesystem and hand it to another namespace.
+ * All fds are close-on-exec. */
+int sw_fsopen(const char *fstype) { return fsopen(fstype, FSOPEN_CLOEXEC); }
+
+int sw_fsconfig_string(int fs_fd, const char *key, const char *value)
+{
+    return fsconfig(fs_fd, FSCONFIG_SET_STRING, key, value, 0);
+}
+
+int sw_fsconfig_create(int fs_fd)
+{
+    return fsconfig(fs_fd, FSCONFIG_CMD_CREATE, NULL, NULL, 0);
+}
+
+int sw_fsmount(int fs_fd, unsigned int attr_flags)
+{
+    return fsmount(fs_fd, FSMOUNT_CLOEXEC, attr_flags);
+}
+
+int sw_move_mount_fd(int mount_fd, const char *target)
+{
+    return move_mount(mount_fd, "", AT_FDCWD, target,
+                      MOVE_MOUNT_F_EMPTY_PATH);
 }

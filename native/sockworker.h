@@ -13,5 +13,10 @@ int sw_umount2(const char *target, int flags);
 int sw_pivot_root(const char *new_root, const char *put_old);
 long sw_clone3(unsigned long long flags, int cgroup_fd, int exit_signal);
 int sw_clone3_supported(void);
+int sw_fsopen(const char *fstype);
+int sw_fsconfig_string(int fs_fd, const char *key, const char *value);
+int sw_fsconfig_create(int fs_fd);
+int sw_fsmount(int fs_fd, unsigned int attr_flags);
+int sw_move_mount_fd(int mount_fd, const char *target);
 
 #endif

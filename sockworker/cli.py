@@ -154,7 +154,11 @@ def make_backend(config, image_path):
         cpu_weight=config.cpu_weight,
     )
     return SockBackend(
-        config.state_dir, image_path, limits, network=config.network
+        config.state_dir,
+        image_path,
+        limits,
+        network=config.network,
+        import_cache=config.import_cache,
     )
 
 

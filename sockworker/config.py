@@ -295,8 +295,8 @@ class Config:
     import_cache: bool = _option(
         True,
         _Boolean(),
-        "Fork sandboxes from pre-initialised zygotes (the import cache). "
-        "Not built yet: accepted, and every sandbox starts fresh.",
+        "Fork sandboxes from zygotes that have imported the lambda's "
+        "packages (the import cache); false starts every sandbox fresh.",
     )
     http_threads: int = _option(
         32, _Integer(1), "Threads serving HTTP requests."

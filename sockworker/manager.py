@@ -24,6 +24,10 @@ from sockworker.guest import codec, protocol
 
 log = logging.getLogger(__name__)
 
+# Memory set aside for zygotes when the import cache is on: room for four
+# at their 256 MiB limit (SockBackend's zygote_memory_bytes).
+ZYGOTE_RESERVE_MB = 1024
+
 
 class Instance:
     """A sandbox bound to one version of one lambda."""
@@ -382,8 +386,11 @@ def result_of(name, reply):
 
 def max_instances(config):
     """The total instance limit: the configured count, lowered so that
-    every instance's memory limit fits in the memory budget."""
+    every instance's memory limit fits in the memory budget (less what
+    zygotes may hold)."""
     budget_mb = config.memory_budget_mb or default_budget_mb()
+    if config.import_cache:
+        budget_mb -= ZYGOTE_RESERVE_MB
     by_memory = max(1, budget_mb // config.memory_mb)
     return min(config.max_instances, by_memory)
 

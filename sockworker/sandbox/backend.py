@@ -21,6 +21,7 @@ from sockworker.sandbox import cgroups
 from sockworker.sandbox.container import (
     Container,
     ContainerSpec,
+    SandboxError,
     new_sandbox_id,
 )
 from sockworker.sandbox.runtime import install_guest_layer
@@ -58,6 +59,9 @@ class SockBackend:
         scratch_bytes=64 << 20,
         layout=None,
         prepared=2,
+        import_cache=False,
+        zygote_memory_bytes=256 << 20,
+        zygote_keep_seconds=300.0,
     ):
         self.state_dir = state_dir
         self.sandboxes_dir = os.path.join(state_dir, "sandboxes")
@@ -74,6 +78,16 @@ class SockBackend:
         self.wanted = threading.Event()
         self.closing = False
         self.spawner = None
+        # Zygotes hold imported packages: a larger memory limit than a
+        # sandbox's, the same pids and cpu limits.
+        self.zygote_limits = dataclasses.replace(
+            limits, memory_bytes=max(limits.memory_bytes, zygote_memory_bytes)
+        )
+        self.zygotes = None
+        if import_cache:
+            from sockworker.zygote.cache import ZygoteCache
+
+            self.zygotes = ZygoteCache(self, zygote_keep_seconds)
 
     @property
     def network(self):
@@ -83,6 +97,9 @@ class SockBackend:
     def network(self, mode):
         self.spec = dataclasses.replace(self.spec, network=mode)
         self.discard_prepared()
+        if self.zygotes is not None:
+            # Zygotes live in the network namespace their sandboxes get.
+            self.zygotes.reset()
 
     def start(self):
         """Sweep leftovers, then make the cgroup tree and guest layer and
@@ -103,9 +120,20 @@ class SockBackend:
             self.wanted.set()
         log.info("sock backend ready: %s", self.layout.describe())
 
+    @property
+    def zygote_spec(self):
+        return dataclasses.replace(self.spec, limits=self.zygote_limits)
+
     def create(self, code_root, env=None, packages=()):
         """A running container for the code layer at code_root, with the
-        package layers `packages` (paths) stacked beneath it."""
+        package layers `packages` (paths) stacked beneath it: forked from
+        a zygote with the import cache on, else started fresh."""
+        if self.zygotes is not None and not self.zygotes.broken:
+            try:
+                return self.zygotes.create(code_root, env or {}, packages)
+            except SandboxError:
+                if not self.zygotes.broken:
+                    raise
         container = self.take_prepared() or self.prepare_one()
         self.wanted.set()
         layers = (code_root, *packages, self.guest_layer, self.image_path)
@@ -139,10 +167,13 @@ class SockBackend:
         (their parent-death signal watches it), so it lives until close().
         """
         while True:
-            self.wanted.wait()
+            self.wanted.wait(timeout=5.0)
             self.wanted.clear()
             if self.closing:
                 return
+            if self.zygotes is not None:
+                self.tend_zygotes()
+                continue
             while len(self.ready) < self.prepared_target:
                 try:
                     container = self.prepare_one()
@@ -154,6 +185,13 @@ class SockBackend:
                         container.destroy()
                         return
                     self.ready.append(container)
+
+    def tend_zygotes(self):
+        try:
+            self.zygotes.keep_prepared()
+            self.zygotes.expire()
+        except Exception:
+            log.exception("tending zygotes failed")
 
     def discard_prepared(self):
         with self.ready_lock:
@@ -186,6 +224,8 @@ class SockBackend:
         if self.spawner is not None:
             self.spawner.join()
         self.discard_prepared()
+        if self.zygotes is not None:
+            self.zygotes.close()
         self.tree.destroy()
 
 

@@ -343,10 +343,7 @@ class Container:
         status = self.wait_exit(timeout=0.5)
         if status is None:
             return "stopped answering"
-        if os.WIFSIGNALED(status):
-            name = signal.Signals(os.WTERMSIG(status)).name
-            return f"crashed (killed by {name})"
-        return f"exited with status {os.WEXITSTATUS(status)}"
+        return describe_wait_status(status)
 
     def wait_exit(self, timeout):
         """The init's wait status once it has exited, else None."""
@@ -418,6 +415,15 @@ class Container:
             _, self.exit_status = os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+
+
+def describe_wait_status(status):
+    """A wait status in words: "exited with status N" or "crashed (killed
+    by SIGNAME)"."""
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return f"crashed (killed by {name})"
+    return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def remove_tree(path):

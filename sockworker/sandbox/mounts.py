@@ -69,14 +69,15 @@ def mount_dev(root):
         native.MS_NOSUID | native.MS_NOEXEC,
         "size=64k,mode=0755",
     )
+    populate_dev(dev)
+
+
+def populate_dev(dev):
     for name, major, minor in DEVICES:
-        os.mknod(
-            os.path.join(dev, name),
-            0o666 | stat.S_IFCHR,
-            os.makedev(major, minor),
-        )
+        path = os.path.join(dev, name)
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         # mknod applies the umask; the nodes must be usable by anyone.
-        os.chmod(os.path.join(dev, name), 0o666)
+        os.chmod(path, 0o666)
     for name, target in DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
     os.mkdir(os.path.join(dev, "shm"), 0o1777)
@@ -104,3 +105,75 @@ def enter_root(root):
     native.pivot_root(".", ".")
     native.umount2(".", native.MNT_DETACH)
     os.chdir("/")
+
+
+def build_detached_root(layers, scratch_bytes):
+    """A complete root filesystem as a mount fd that belongs to no
+    namespace: an overlay of layers (host paths, topmost first) over a
+    size-limited tmpfs whose upper directory already holds the minimal
+    /dev. A process in another namespace attaches it with move_mount.
+
+    The worker builds it, as real root, because an overlay mounted inside
+    a zygote's user namespace cannot use lower layers from the host's
+    mounts.
+    """
+    scratch = make_detached_scratch(scratch_bytes)
+    try:
+        return mount_detached_overlay(layers, scratch)
+    finally:
+        os.close(scratch)
+
+
+def make_detached_scratch(scratch_bytes):
+    """The writable part of a detached root: a tmpfs holding the
+    overlay's upper (with /dev in it) and work directories. It does not
+    depend on the lambda, so it can be made ahead of a request."""
+    scratch = native.fsmount(
+        "tmpfs",
+        [("size", str(scratch_bytes)), ("mode", "0755")],
+        native.MOUNT_ATTR_NOSUID,
+    )
+    try:
+        base = f"/proc/self/fd/{scratch}"
+        os.mkdir(os.path.join(base, "upper"), 0o755)
+        os.mkdir(os.path.join(base, "work"), 0o755)
+        make_dev_nodes(os.path.join(base, "upper", "dev"))
+    except BaseException:
+        os.close(scratch)
+        raise
+    return scratch
+
+
+def mount_detached_overlay(layers, scratch):
+    """The overlay of layers over the scratch tmpfs (an fd from
+    make_detached_scratch), detached. Lower layers are named by
+    /proc/self/fd paths, so the container's mount table shows no host
+    path."""
+    layer_fds = []
+    try:
+        for layer in layers:
+            layer_fds.append(
+                os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            )
+        base = f"/proc/self/fd/{scratch}"
+        return native.fsmount(
+            "overlay",
+            [
+                (
+                    "lowerdir",
+                    ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds),
+                ),
+                ("upperdir", os.path.join(base, "upper")),
+                ("workdir", os.path.join(base, "work")),
+            ],
+            native.MOUNT_ATTR_NOSUID,
+        )
+    finally:
+        for fd in layer_fds:
+            os.close(fd)
+
+
+def make_dev_nodes(dev):
+    """The harmless character devices and the usual links, in dev."""
+    os.mkdir(dev, 0o755)
+    populate_dev(dev)

@@ -26,6 +26,9 @@ MS_PRIVATE = lib.MS_PRIVATE
 MS_SLAVE = lib.MS_SLAVE
 MS_REMOUNT = lib.MS_REMOUNT
 MNT_DETACH = lib.MNT_DETACH
+MOUNT_ATTR_NOSUID = lib.MOUNT_ATTR_NOSUID
+MOUNT_ATTR_NODEV = lib.MOUNT_ATTR_NODEV
+MOUNT_ATTR_NOEXEC = lib.MOUNT_ATTR_NOEXEC
 
 
 def _raise_errno(path=None):
@@ -89,3 +92,31 @@ def clone3(flags, cgroup_fd=-1, exit_signal=0):
 def clone3_supported():
     """True when the kernel has clone3 (5.3 and later)."""
     return bool(lib.sw_clone3_supported())
+
+
+def fsmount(fstype, options, attr_flags=0):
+    """A new, detached mount of fstype configured with options (pairs of
+    key and string value): an fd that attaches nowhere until a process
+    moves it into its namespace (move_mount). The error names the
+    filesystem type and the option being set."""
+    fs_fd = lib.sw_fsopen(fstype.encode())
+    if fs_fd < 0:
+        _raise_errno(fstype)
+    try:
+        for key, value in options:
+            if lib.sw_fsconfig_string(fs_fd, key.encode(), _cstr(value)) < 0:
+                _raise_errno(f"{fstype} option {key}")
+        if lib.sw_fsconfig_create(fs_fd) < 0:
+            _raise_errno(fstype)
+        mount_fd = lib.sw_fsmount(fs_fd, attr_flags)
+        if mount_fd < 0:
+            _raise_errno(fstype)
+        return mount_fd
+    finally:
+        os.close(fs_fd)
+
+
+def move_mount(mount_fd, target):
+    """Attach the detached mount mount_fd at target (move_mount(2))."""
+    if lib.sw_move_mount_fd(mount_fd, _cstr(target)) < 0:
+        _raise_errno(target)

@@ -12,12 +12,15 @@ import shutil
 import tempfile
 
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
-GUEST_FILES = ("server.py", "protocol.py", "codec.py")
+GUEST_FILES = ("server.py", "protocol.py", "codec.py", "zygote.py")
 LAYER_SUBDIR = os.path.join("opt", "sockworker", "guest")
+MOUNT_POINT_SUBDIR = os.path.join("opt", "sockworker", "mnt")
+# Bump when the layer's layout changes beyond the guest files.
+LAYOUT_VERSION = b"2"
 
 
 def guest_digest():
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(LAYOUT_VERSION)
     for name in GUEST_FILES:
         with open(os.path.join(GUEST_DIR, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read() + b"\0")
@@ -35,6 +38,8 @@ def install_guest_layer(runtime_dir):
     try:
         target = os.path.join(staging, LAYER_SUBDIR)
         os.makedirs(target)
+        # Where a zygote's child attaches a new sandbox's root.
+        os.makedirs(os.path.join(staging, MOUNT_POINT_SUBDIR))
         for name in GUEST_FILES:
             shutil.copyfile(
                 os.path.join(GUEST_DIR, name), os.path.join(target, name)

@@ -143,6 +143,29 @@ def tree_cgroups(state_dir):
     return sorted(found)
 
 
+def tree_pids(state_dir):
+    """Every process in a sandbox or zygote cgroup of state_dir's tree."""
+    pids = set()
+    for path in tree_cgroups(state_dir):
+        procs = os.path.join(path, "cgroup.procs")
+        if os.path.basename(path).startswith(("sb-", "zy-")):
+            try:
+                with open(procs) as f:
+                    pids.update(int(line) for line in f if line.strip())
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+def in_sandbox_cgroup(pid):
+    """Whether pid is in a sandbox's cgroup (not a zygote's)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return "/sb-" in f.read()
+    except FileNotFoundError:
+        return False
+
+
 def sandbox_dirs(state_dir):
     try:
         return sorted(os.listdir(os.path.join(state_dir, "sandboxes")))
@@ -361,15 +384,21 @@ class Worker:
         return children[0]
 
     def sandbox_pids(self):
-        """Every child of the gunicorn worker process: container inits
-        (made with CLONE_PARENT) and the setup children of prepared
-        sandboxes that wait for a lambda."""
-        return children_of(self.gunicorn_worker())
+        """Every child of the gunicorn worker process (fresh container
+        inits, made with CLONE_PARENT, and setup children of prepared
+        sandboxes) and every process in the worker's sandbox and zygote
+        cgroups (sandboxes forked from zygotes are not its children)."""
+        children = set(children_of(self.gunicorn_worker()))
+        return sorted(children | tree_pids(self.state_dir))
 
     def container_pids(self):
-        """The container inits only: the children that are PID 1 of a
-        PID namespace of their own."""
-        return [pid for pid in self.sandbox_pids() if in_own_pid_ns(pid)]
+        """The sandbox inits only: PID 1 of a PID namespace of their own,
+        in a sandbox's cgroup (zygotes are inits too, in their own)."""
+        return [
+            pid
+            for pid in self.sandbox_pids()
+            if in_own_pid_ns(pid) and in_sandbox_cgroup(pid)
+        ]
 
     def session(self):
         return session_members(self.pid)

@@ -52,7 +52,7 @@ def sandbox_cgroups(state_dir):
     return [
         path
         for path in tree_cgroups(state_dir)
-        if os.path.basename(path).startswith("sb-")
+        if os.path.basename(path).startswith(("sb-", "zy-"))
     ]
 
 

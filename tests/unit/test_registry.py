@@ -154,7 +154,7 @@ def test_single_file_form(location, reg_dir, cache):
     (reg_dir / "hello.py").write_bytes(HANDLER)
     code = Registry(location, str(cache)).get("hello")
 
-    assert os.listdir(code.code_dir) == ["f.py"]
+    assert sorted(os.listdir(code.code_dir)) == ["__pycache__", "f.py"]
     assert read(os.path.join(code.code_dir, "f.py")) == HANDLER
     assert code.requirements == ()
 
@@ -171,7 +171,12 @@ def test_tarball_top_folder_is_stripped(reg_dir, cache):
     (reg_dir / "add.tar.gz").write_bytes(data)
     code = Registry(str(reg_dir), str(cache)).get("add")
 
-    assert sorted(os.listdir(code.code_dir)) == ["again.py", "f.py", "lib"]
+    assert sorted(os.listdir(code.code_dir)) == [
+        "__pycache__",
+        "again.py",
+        "f.py",
+        "lib",
+    ]
     assert read(os.path.join(code.code_dir, "again.py")) == HANDLER
 
 
@@ -965,3 +970,16 @@ def test_example_tarball_is_what_the_script_builds():
     committed = read(os.path.join(EXAMPLES, "registry", "add.tar.gz"))
     assert script["build_add_tarball"]() == committed
     assert gzip.decompress(committed)  # a valid gzip stream
+
+
+def test_code_is_compiled_once_at_unpack(reg_dir, cache):
+    (reg_dir / "hello.py").write_bytes(HANDLER)
+    code = Registry(str(reg_dir), str(cache)).get("hello")
+
+    cached = os.listdir(os.path.join(code.code_dir, "__pycache__"))
+    assert len(cached) == 1 and cached[0].startswith("f.")
+    pyc = os.path.join(code.code_dir, "__pycache__", cached[0])
+    # Unchecked-hash bytecode: flags word 0b01 (hash-based, not checked).
+    with open(pyc, "rb") as f:
+        assert int.from_bytes(f.read(8)[4:8], "little") == 0b01
+    assert os.stat(pyc).st_mode & 0o777 == 0o644

@@ -174,7 +174,7 @@ def test_single_file_form(served, cache):
     (served.root / "hello.py").write_bytes(HANDLER)
     code = Registry(served.url + "/", str(cache)).get("hello")
 
-    assert os.listdir(code.code_dir) == ["f.py"]
+    assert sorted(os.listdir(code.code_dir)) == ["__pycache__", "f.py"]
     assert served.requests == [
         ("GET", "/hello.tar.gz", 404),
         ("GET", "/hello.py", 200),

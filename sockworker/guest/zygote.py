@@ -1,0 +1,426 @@
+"""The zygote: a fork server that runs inside its own container.
+
+Started by the worker as the image's `python3 -I -S zygote.py`, as root of
+its own user namespace (so its capabilities reach no further than that
+namespace), with a connected control socket as fd 3. It imports its
+packages once, freezes the garbage collector and then forks on request.
+
+A fork has two phases, so that the slow part happens before a request
+needs it and so that the zygote never holds a lambda's data:
+
+1. "fork" (from the worker over the control socket, with a channel
+   socket and the new sandbox's cgroup fds): the zygote forks a child,
+   which joins the cgroups, enters new mount, IPC, UTS and network
+   namespaces, says "ready" on the channel and waits.
+2. "go" (from the worker over the channel, straight to the child, with
+   the sandbox's root mount, listening socket and log): the child
+   attaches the root, makes the sandbox's init with clone3 in a new PID
+   namespace, and stays its parent to report how it ends. The init
+   mounts /proc, pivots into the root,
+   drops every privilege and serves the handler from memory it shares
+   with the zygote; or, for a child zygote, imports more packages and
+   serves forks itself.
+
+Standard library only; the system calls the os module lacks go through
+ctypes. On the channel the worker reads "ready", then "started" (or an
+"error" line naming the failed step), and at the end "exit <status>".
+"""
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+
+if __package__:
+    from . import server
+else:
+    # -I leaves the script's own directory off sys.path.
+    sys.path.insert(0, __file__.rpartition("/")[0])
+    import server
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+CLONE_PARENT = 0x00008000
+CLONE_INTO_CGROUP = 0x200000000
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+
+# Generic system call numbers, where os lacks a wrapper and glibc 2.36 has
+# none either.
+SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "move_mount": 429, "clone3": 435},
+    "aarch64": {"pivot_root": 41, "move_mount": 429, "clone3": 435},
+}
+
+MOUNT_POINT = "/opt/sockworker/mnt"
+NOBODY = 65534
+LISTEN_FD = 3
+CONTROL_FD = 3
+PACKAGES_DIR = "/opt/sockworker/packages"
+
+libc = ctypes.CDLL(None, use_errno=True)
+numbers = SYSCALLS[platform.machine()]
+
+
+class ChildFailed(Exception):
+    """A step of a forked child failed; says which."""
+
+
+def check(result, what):
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def unshare(flags):
+    check(libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source, target, fstype, flags, data=None):
+    check(
+        libc.mount(
+            source and source.encode(),
+            target.encode(),
+            fstype and fstype.encode(),
+            ctypes.c_ulong(flags),
+            data and data.encode(),
+        ),
+        f"mount {fstype or source} on {target}",
+    )
+
+
+def umount2(target, flags):
+    check(libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def pivot_root(new_root, put_old):
+    check(
+        libc.syscall(
+            numbers["pivot_root"], new_root.encode(), put_old.encode()
+        ),
+        "pivot_root",
+    )
+
+
+def move_mount(mount_fd, target):
+    check(
+        libc.syscall(
+            numbers["move_mount"],
+            mount_fd,
+            b"",
+            AT_FDCWD,
+            target.encode(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        ),
+        f"move_mount to {target}",
+    )
+
+
+class CloneArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
+
+
+def clone3(flags, cgroup_fd):
+    """Like fork, without at-fork handlers: the caller is single-threaded
+    (a child of the single-threaded zygote)."""
+    args = CloneArgs()
+    args.flags = flags
+    # Without an exit signal the child is a "clone child" that a plain
+    # waitpid never reports.
+    args.exit_signal = signal.SIGCHLD
+    if cgroup_fd >= 0:
+        args.flags |= CLONE_INTO_CGROUP
+        args.cgroup = cgroup_fd
+    return check(
+        libc.syscall(
+            numbers["clone3"], ctypes.byref(args), ctypes.sizeof(args)
+        ),
+        "clone3",
+    )
+
+
+def prctl(option, value):
+    check(
+        libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl {option}"
+    )
+
+
+# -- the fork server ----------------------------------------------------
+
+
+def serve_forks(control, packages):
+    """Answer fork requests until the worker closes the control socket."""
+    import_packages(packages)
+    # Forked children share the zygote's pages; a collection in one would
+    # touch (and so copy) every object, and in the zygote it would only
+    # move the imported modules around.
+    gc.freeze()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    while True:
+        reap_children()
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 4096, 16)
+        except InterruptedError:
+            continue
+        if not message:
+            return
+        request = json.loads(message)
+        fork_child(control, request, fds)
+
+
+def import_packages(packages):
+    sys.path.insert(0, PACKAGES_DIR)
+    for name in packages:
+        __import__(name)
+
+
+def reap_children():
+    """Children and, through CLONE_PARENT, sandbox inits are ours to
+    reap; the worker learns of their end from their cgroups."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def fork_child(control, request, fds):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        control.close()
+        run_child(request, fds)
+    for fd in fds:
+        os.close(fd)
+
+
+# -- the forked child ---------------------------------------------------
+
+
+def run_child(request, fds):
+    """Phase one, then (on go) phase two; never returns."""
+    channel = socket.socket(fileno=fds[0])
+    step = "start"
+    try:
+        v2_fd = fds[1] if request["v2"] else -1
+        v1_fds = fds[2:] if request["v2"] else fds[1:]
+        step = "close inherited fds"
+        close_fds_except({0, 1, 2, *fds})
+        step = "set parent-death signal"
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        step = "join cgroups"
+        for fd in v1_fds:
+            os.write(fd, b"0")
+            os.close(fd)
+        step = "enter namespaces"
+        enter_namespaces(request)
+        channel.sendall(b"ready\n")
+        step = "wait for go"
+        message, go_fds, _, _ = socket.recv_fds(channel, 65536, 8)
+        if not message:
+            os._exit(0)
+        go = json.loads(message)
+        root_fd, work_fd, log_fd = go_fds
+        step = "attach root"
+        move_mount(root_fd, MOUNT_POINT)
+        os.close(root_fd)
+        step = "clone3 into a new PID namespace"
+        pid = clone3(CLONE_NEWPID, v2_fd)
+        if pid == 0:
+            run_init(channel, go, work_fd, log_fd)
+        os.close(work_fd)
+        os.close(log_fd)
+        step = "wait for the init"
+        report_exit(channel, pid)
+    except BaseException as exc:
+        report_failure(channel, step, exc)
+
+
+def report_exit(channel, pid):
+    """Stay the init's parent and tell the worker how it ended: the init
+    is not the worker's child, so only its parent can know."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    try:
+        channel.sendall(f"exit {status}\n".encode())
+    finally:
+        os._exit(0)
+
+
+def enter_namespaces(request):
+    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    if request["network"] == "none":
+        flags |= CLONE_NEWNET
+    unshare(flags)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if request["network"] == "none":
+        server_bring_up_loopback()
+    socket.sethostname(request["hostname"])
+
+
+def server_bring_up_loopback():
+    import fcntl
+    import struct
+
+    ifreq = struct.Struct("16sH22x")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = ifreq.unpack(fcntl.ioctl(sock, 0x8913, ifreq.pack(b"lo", 0)))[
+            1
+        ]
+        fcntl.ioctl(sock, 0x8914, ifreq.pack(b"lo", flags | 1))
+
+
+def report_failure(channel, step, exc):
+    """Tell the worker on the channel if it is still open, and the log
+    (the zygote's, or the sandbox's once stdio is set up) in any case."""
+    import traceback
+
+    print(f"zygote child: {step} failed", file=sys.stderr)
+    traceback.print_exc()
+    sys.stderr.flush()
+    try:
+        channel.sendall(
+            f"error {step}\t{type(exc).__name__}: {exc}\n".encode(
+                errors="replace"
+            )
+        )
+    finally:
+        os._exit(127)
+
+
+# -- the sandbox's init -------------------------------------------------
+
+
+def run_init(channel, go, work_fd, log_fd):
+    """PID 1 of the new sandbox (or child zygote)."""
+    step = "mount /proc"
+    try:
+        mount(
+            "proc",
+            MOUNT_POINT + "/proc",
+            "proc",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        )
+        step = "pivot_root into the sandbox root"
+        os.chdir(MOUNT_POINT)
+        pivot_root(".", ".")
+        umount2(".", MNT_DETACH)
+        os.chdir("/")
+        step = "set up stdio"
+        set_up_stdio(work_fd, log_fd, channel.fileno())
+        os.environ.clear()
+        os.environ.update(go["env"])
+        if go["mode"] == "zygote":
+            step = "become a zygote"
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            control = socket.socket(fileno=CONTROL_FD)
+            channel.sendall(b"started\n")
+            channel.close()
+            serve_forks(control, go["packages"])
+            os._exit(0)
+        step = "drop privileges"
+        drop_privileges()
+        channel.sendall(b"started\n")
+        channel.close()
+        listener = socket.socket(fileno=LISTEN_FD)
+        handler = server.Handler(go["code_dir"])
+        server.serve(listener, handler)
+    except BaseException as exc:
+        report_failure(channel, step, exc)
+    os._exit(0)
+
+
+def set_up_stdio(work_fd, log_fd, channel_fd):
+    """fd 0 /dev/null, 1 and 2 the sandbox log, 3 the listening socket (or
+    a child zygote's control socket); nothing else but the channel, which
+    the zygote received while it held fds 0 to 3, so it is above them."""
+    import fcntl
+
+    work_high = fcntl.fcntl(work_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    log_high = fcntl.fcntl(log_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(log_high, 1)
+    os.dup2(log_high, 2)
+    os.dup2(work_high, LISTEN_FD)
+    close_fds_except({0, 1, 2, LISTEN_FD, channel_fd})
+
+
+def drop_privileges():
+    """Empty the bounding set, become nobody, forbid gaining privileges
+    and die with the zygote: the same state a fresh sandbox execs in."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+    # The user switch cleared "dumpable", which hides /proc/self from the
+    # process itself; a fresh sandbox gets it back from exec.
+    prctl(PR_SET_DUMPABLE, 1)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def close_fds_except(keep):
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    packages = [name for name in argv if name]
+    control = socket.socket(fileno=CONTROL_FD)
+    serve_forks(control, packages)
+
+
+if __name__ == "__main__":
+    main()
