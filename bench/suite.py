@@ -52,11 +52,14 @@ DEFAULT_IMAGES_DIR = os.environ.get(
     "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
 )
 
+NUMPY_REQUIREMENT = "numpy==1.26.4"
+
 # The cold-start rows in table order: key, label, the --skip name.
 COLD_ROWS = (
     ("sockworker", "sockworker HTTP, import cache off", "cold-http"),
     ("sockworker_cache", "sockworker HTTP, import cache on", "cold-http"),
     ("numpy", "numpy handler, import cache on", "cold-http"),
+    ("numpy_fresh", "numpy handler, import cache off", "cold-http"),
     ("sandbox", "sockworker sandbox, no HTTP", "sandbox"),
     ("crun", "crun run", "crun"),
     ("runc", "runc run", "runc"),
@@ -134,6 +137,9 @@ def cold_measurement(key):
         "sockworker": measure_http,
         "sockworker_cache": measure_http_import_cache,
         "numpy": measure_numpy,
+        "numpy_fresh": lambda s, image, d: measure_numpy(
+            s, image, d, import_cache=False
+        ),
         "sandbox": measure_sandbox,
         "crun": lambda s, image, d: peers.measure(
             "crun", image, s["runs"], s["pause"]
@@ -180,9 +186,10 @@ def measure_http_import_cache(settings, image, details):
     return measure_http(settings, image, details, import_cache=True)
 
 
-def measure_numpy(settings, image, details):
-    """A handler that imports numpy, with the import cache on: what the
-    zygotes are for. Needs the import cache first."""
+def measure_numpy(settings, image, details, import_cache=True):
+    """A handler that imports numpy (pinned, so every run of the suite
+    measures the same package), with the import cache on: what the
+    zygotes are for; or off, for the ratio."""
     reason = cold_http.import_cache_reason()
     if reason:
         return reason
@@ -190,9 +197,9 @@ def measure_numpy(settings, image, details):
         settings["images_dir"],
         settings["runs"],
         settings["pause"],
-        import_cache=True,
+        import_cache=import_cache,
         source=cold_http.NUMPY,
-        requirements=["numpy"],
+        requirements=[NUMPY_REQUIREMENT],
     )
     details.update(extra)
     return times
@@ -435,6 +442,24 @@ def cold_table(rows, settings):
     lines.append(
         "vs X: X's median over the row's median, same run (above 1: faster)"
     )
+    lines += cache_gains(rows)
+    return lines
+
+
+def cache_gains(rows):
+    """How much faster the import cache made each handler, same run."""
+    lines = []
+    for handler, off, on in (
+        ("no-op", "sockworker", "sockworker_cache"),
+        ("numpy", "numpy_fresh", "numpy"),
+    ):
+        off_ms = rows.get(off, {}).get("median_ms")
+        on_ms = rows.get(on, {}).get("median_ms")
+        if off_ms and on_ms:
+            lines.append(
+                f"import cache: {handler} handler {off_ms / on_ms:.1f}x "
+                f"faster with it ({off_ms:.1f} -> {on_ms:.1f} ms median)"
+            )
     return lines
 
 
