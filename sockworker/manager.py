@@ -258,16 +258,18 @@ class LambdaManager:
     def evict_one(self, exclude):
         """Destroy the least recently used idle instance of another
         lambda, freeing its slot; returns it, or None if there is none."""
-        oldest = None
+        oldest, oldest_used = None, None
         for pool in list(self.pools.values()):
             if pool is exclude:
                 continue
+            # Compare times read under each pool's own lock: another
+            # thread may empty a pool as soon as its lock is released.
             with pool.cond:
-                if pool.idle and (
-                    oldest is None
-                    or pool.idle[0].last_used < oldest.idle[0].last_used
-                ):
-                    oldest = pool
+                if not pool.idle:
+                    continue
+                used = pool.idle[0].last_used
+            if oldest is None or used < oldest_used:
+                oldest, oldest_used = pool, used
         if oldest is None:
             return None
         with oldest.cond:

@@ -27,12 +27,14 @@ ctypes. On the channel the worker reads "ready", then "started" (or an
 """
 
 import ctypes
+import fcntl
 import gc
 import json
 import os
 import platform
 import signal
 import socket
+import struct
 import sys
 
 if __package__:
@@ -183,8 +185,22 @@ def prctl(option, value):
 # -- the fork server ----------------------------------------------------
 
 
+def empty_bounding_set():
+    """No descendant may ever exec its way to a capability. The zygote
+    keeps the capabilities it holds (it never execs again); emptying the
+    set here, once, spares every sandbox start the work.
+
+    PERF: 41 prctl calls through ctypes cost a sandbox start 0.2 ms.
+    """
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+
+
 def serve_forks(control, packages):
     """Answer fork requests until the worker closes the control socket."""
+    empty_bounding_set()
     import_packages(packages)
     # Forked children share the zygote's pages; a collection in one would
     # touch (and so copy) every object, and in the zygote it would only
@@ -301,9 +317,6 @@ def enter_namespaces(request):
 
 
 def server_bring_up_loopback():
-    import fcntl
-    import struct
-
     ifreq = struct.Struct("16sH22x")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         flags = ifreq.unpack(fcntl.ioctl(sock, 0x8913, ifreq.pack(b"lo", 0)))[
@@ -376,8 +389,6 @@ def set_up_stdio(work_fd, log_fd, channel_fd):
     """fd 0 /dev/null, 1 and 2 the sandbox log, 3 the listening socket (or
     a child zygote's control socket); nothing else but the channel, which
     the zygote received while it held fds 0 to 3, so it is above them."""
-    import fcntl
-
     work_high = fcntl.fcntl(work_fd, fcntl.F_DUPFD_CLOEXEC, 10)
     log_high = fcntl.fcntl(log_fd, fcntl.F_DUPFD_CLOEXEC, 10)
     null = os.open("/dev/null", os.O_RDWR)
@@ -389,12 +400,9 @@ def set_up_stdio(work_fd, log_fd, channel_fd):
 
 
 def drop_privileges():
-    """Empty the bounding set, become nobody, forbid gaining privileges
-    and die with the zygote: the same state a fresh sandbox execs in."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
-        prctl(PR_CAPBSET_DROP, cap)
+    """Become nobody, forbid gaining privileges and die with the zygote:
+    the same state a fresh sandbox execs in. (The bounding set is empty
+    already: the zygote emptied it for all its children.)"""
     os.setgroups([])
     os.setresgid(NOBODY, NOBODY, NOBODY)
     os.setresuid(NOBODY, NOBODY, NOBODY)

@@ -880,3 +880,33 @@ def test_log_has_lifecycle_and_one_access_line_per_request(worker, registry):
     assert sum("POST /run/missing 404" in line for line in access) == 1
     assert "instance of echo created in sandbox" in log
     assert "destroyed: worker shutting down" in log
+
+
+def test_eviction_under_concurrency_loses_nothing(start_worker, registry):
+    """More lambdas than instance slots, four clients at once: every
+    request is answered while idle instances are evicted to make room."""
+    names = [f"echo{i}" for i in range(48)]
+    for name in names:
+        registry.add(name, ECHO)
+    worker = start_worker(
+        max_instances=3, memory_budget_mb=4096, queue_per_lambda=8
+    )
+    replies = {}
+
+    def client(part):
+        for name in part:
+            replies[name] = worker.run(name, {"name": name})
+
+    threads = [
+        threading.Thread(target=client, args=(names[i::4],))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert sorted(replies) == sorted(names)
+    for name, reply in replies.items():
+        assert reply.status == 200, reply
+        assert reply.json() == {"name": name}
