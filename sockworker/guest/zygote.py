@@ -279,9 +279,18 @@ def run_child(request, fds):
         move_mount(root_fd, MOUNT_POINT)
         os.close(root_fd)
         step = "clone3 into a new PID namespace"
-        pid = clone3(CLONE_NEWPID, v2_fd)
+        ctypes.pythonapi.PyOS_BeforeFork()
+        try:
+            pid = clone3(CLONE_NEWPID, v2_fd)
+        except BaseException:
+            ctypes.pythonapi.PyOS_AfterFork_Parent()
+            raise
         if pid == 0:
+            # What os.fork does for a child: reset the interpreter's
+            # thread state, reseed random, run at-fork hooks.
+            ctypes.pythonapi.PyOS_AfterFork_Child()
             run_init(channel, go, work_fd, log_fd)
+        ctypes.pythonapi.PyOS_AfterFork_Parent()
         os.close(work_fd)
         os.close(log_fd)
         step = "wait for the init"
