@@ -898,8 +898,7 @@ def test_eviction_under_concurrency_loses_nothing(start_worker, registry):
             replies[name] = worker.run(name, {"name": name})
 
     threads = [
-        threading.Thread(target=client, args=(names[i::4],))
-        for i in range(4)
+        threading.Thread(target=client, args=(names[i::4],)) for i in range(4)
     ]
     for thread in threads:
         thread.start()
