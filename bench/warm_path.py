@@ -70,21 +70,13 @@ def start_worker(tmp, images_dir, extra_config=None):
     path = os.path.join(tmp, "config.json")
     with open(path, "w") as f:
         json.dump(config, f)
-    proc = subprocess.Popen(
-        [PYTHON, os.path.join(TOP, "bin", "worker"), "--config", path],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc)
-    except RuntimeError:
-        stop(proc)
-        raise
-    return proc, port
+    argv = [PYTHON, os.path.join(TOP, "bin", "worker"), "--config", path]
+    return start_server(argv, port)
 
 
 def start_bare():
     port = free_port()
-    proc = subprocess.Popen(
+    return start_server(
         [
             PYTHON,
             "-m",
@@ -103,8 +95,14 @@ def start_bare():
             "warning",
             "bare_app:app",
         ],
-        stdout=subprocess.DEVNULL,
+        port,
     )
+
+
+def start_server(argv, port):
+    """Start argv and wait until it listens on port; stop it if it
+    never does."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
     except RuntimeError:

@@ -27,6 +27,7 @@ COLD_ROWS = {
     "sockworker",
     "sockworker_cache",
     "numpy",
+    "numpy_fresh",
     "sandbox",
     "crun",
     "runc",
