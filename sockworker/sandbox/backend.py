@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 
 from sockworker.sandbox import cgroups
 from sockworker.sandbox.container import (
@@ -27,6 +28,8 @@ from sockworker.sandbox.container import (
 from sockworker.sandbox.runtime import install_guest_layer
 
 log = logging.getLogger(__name__)
+
+REFILL_DELAY = 0.05
 
 
 def tree_name(state_dir):
@@ -168,6 +171,10 @@ class SockBackend:
         """
         while True:
             self.wanted.wait(timeout=5.0)
+            # PERF: let the request that took a prepared sandbox finish
+            # first; preparing the next one right away competes with it
+            # for the GIL and the CPUs.
+            time.sleep(REFILL_DELAY)
             self.wanted.clear()
             if self.closing:
                 return
