@@ -11,15 +11,15 @@ needs it and so that the zygote never holds a lambda's data:
 1. "fork" (from the worker over the control socket, with a channel
    socket and the new sandbox's cgroup fds): the zygote forks a child,
    which joins the cgroups, enters new mount, IPC, UTS and network
-   namespaces, says "ready" on the channel and waits.
-2. "go" (from the worker over the channel, straight to the child, with
-   the sandbox's root mount, listening socket and log): the child
-   attaches the root, makes the sandbox's init with clone3 in a new PID
-   namespace, and stays its parent to report how it ends. The init
-   mounts /proc, pivots into the root,
-   drops every privilege and serves the handler from memory it shares
-   with the zygote; or, for a child zygote, imports more packages and
-   serves forks itself.
+   namespaces and clones the sandbox's init with clone3 in a new PID
+   namespace. The child stays the init's parent, to report how it ends;
+   the init makes its /proc mount, says "ready" on the channel and waits.
+2. "go" (from the worker over the channel, straight to the init, with
+   the sandbox's root mount, listening socket and log): the init
+   attaches the root and its /proc, pivots into the root, drops every
+   privilege and serves the handler from memory it shares with the
+   zygote; or, for a child zygote, imports more packages and serves
+   forks itself.
 
 Standard library only; the system calls the os module lacks go through
 ctypes. On the channel the worker reads "ready", then "started" (or an
@@ -59,6 +59,12 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 MOVE_MOUNT_F_EMPTY_PATH = 4
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_NOSUID = 2
+MOUNT_ATTR_NODEV = 4
+MOUNT_ATTR_NOEXEC = 8
 AT_FDCWD = -100
 
 PR_SET_PDEATHSIG = 1
@@ -68,9 +74,12 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # Generic system call numbers, where os lacks a wrapper and glibc 2.36 has
 # none either.
+# Numbers from 424 on are the same on every architecture.
+NEW_SYSCALLS = {"move_mount": 429, "fsopen": 430, "fsconfig": 431}
+NEW_SYSCALLS.update(fsmount=432, clone3=435)
 SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "move_mount": 429, "clone3": 435},
-    "aarch64": {"pivot_root": 41, "move_mount": 429, "clone3": 435},
+    "x86_64": {"pivot_root": 155, **NEW_SYSCALLS},
+    "aarch64": {"pivot_root": 41, **NEW_SYSCALLS},
 }
 
 MOUNT_POINT = "/opt/sockworker/mnt"
@@ -78,6 +87,8 @@ NOBODY = 65534
 LISTEN_FD = 3
 CONTROL_FD = 3
 PACKAGES_DIR = "/opt/sockworker/packages"
+# A stand-in lambda in the guest layer (see rehearse).
+REHEARSAL_DIR = "/opt/sockworker/rehearsal"
 
 libc = ctypes.CDLL(None, use_errno=True)
 numbers = SYSCALLS[platform.machine()]
@@ -252,7 +263,8 @@ def fork_child(control, request, fds):
 
 
 def run_child(request, fds):
-    """Phase one, then (on go) phase two; never returns."""
+    """Phase one: join the cgroups, enter the namespaces and clone the
+    init, which waits for go; then stay its parent. Never returns."""
     channel = socket.socket(fileno=fds[0])
     step = "start"
     try:
@@ -268,17 +280,9 @@ def run_child(request, fds):
             os.close(fd)
         step = "enter namespaces"
         enter_namespaces(request)
-        channel.sendall(b"ready\n")
-        step = "wait for go"
-        message, go_fds, _, _ = socket.recv_fds(channel, 65536, 8)
-        if not message:
-            os._exit(0)
-        go = json.loads(message)
-        root_fd, work_fd, log_fd = go_fds
-        step = "attach root"
-        move_mount(root_fd, MOUNT_POINT)
-        os.close(root_fd)
         step = "clone3 into a new PID namespace"
+        # PERF: the init is cloned here, ahead of demand: copying the
+        # interpreter's page tables is the dearest step of a start.
         ctypes.pythonapi.PyOS_BeforeFork()
         try:
             pid = clone3(CLONE_NEWPID, v2_fd)
@@ -289,10 +293,10 @@ def run_child(request, fds):
             # What os.fork does for a child: reset the interpreter's
             # thread state, reseed random, run at-fork hooks.
             ctypes.pythonapi.PyOS_AfterFork_Child()
-            run_init(channel, go, work_fd, log_fd)
+            if v2_fd >= 0:
+                os.close(v2_fd)
+            run_init(channel)
         ctypes.pythonapi.PyOS_AfterFork_Parent()
-        os.close(work_fd)
-        os.close(log_fd)
         step = "wait for the init"
         report_exit(channel, pid)
     except BaseException as exc:
@@ -355,16 +359,28 @@ def report_failure(channel, step, exc):
 # -- the sandbox's init -------------------------------------------------
 
 
-def run_init(channel, go, work_fd, log_fd):
-    """PID 1 of the new sandbox (or child zygote)."""
-    step = "mount /proc"
+def run_init(channel):
+    """PID 1 of the new sandbox (or child zygote): a /proc mount made
+    ahead, then on go the root, the pivot and the handler."""
+    step = "set parent-death signal"
     try:
-        mount(
-            "proc",
-            MOUNT_POINT + "/proc",
-            "proc",
-            MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        )
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        step = "make /proc"
+        proc_fd = make_proc_mount()
+        step = "rehearse"
+        rehearse()
+        channel.sendall(b"ready\n")
+        step = "wait for go"
+        message, go_fds, _, _ = socket.recv_fds(channel, 65536, 8)
+        if not message:
+            os._exit(0)
+        go = json.loads(message)
+        root_fd, work_fd, log_fd = go_fds
+        step = "attach root"
+        move_mount(root_fd, MOUNT_POINT)
+        os.close(root_fd)
+        move_mount(proc_fd, MOUNT_POINT + "/proc")
+        os.close(proc_fd)
         step = "pivot_root into the sandbox root"
         os.chdir(MOUNT_POINT)
         pivot_root(".", ".")
@@ -376,7 +392,6 @@ def run_init(channel, go, work_fd, log_fd):
         os.environ.update(go["env"])
         if go["mode"] == "zygote":
             step = "become a zygote"
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             control = socket.socket(fileno=CONTROL_FD)
             channel.sendall(b"started\n")
             channel.close()
@@ -394,18 +409,77 @@ def run_init(channel, go, work_fd, log_fd):
     os._exit(0)
 
 
+def rehearse():
+    """Run a start's own steps once, on the guest layer's stand-in
+    lambda, before the real one arrives.
+
+    PERF: every page of the zygote's memory that a start writes to is
+    copied on its first write, at some 5 us a fault on this machine and a
+    few hundred faults a start. Writing to them here, ahead of demand,
+    takes those copies off the request's path: the import system's
+    caches, the allocator's pools, the codec's and the server's state.
+    What the rehearsal leaves in sys.path and sys.modules is undone.
+    """
+    saved_path = list(sys.path)
+    json.loads(json.dumps({"mode": "sandbox", "env": {}, "code_dir": ""}))
+    client, server_end = socket.socketpair()
+    try:
+        handler = server.Handler(REHEARSAL_DIR)
+        client.sendall(server.protocol.encode_request(b'{"rehearsal": 1}'))
+        client.shutdown(socket.SHUT_WR)
+        server.serve_connection(server_end, handler)
+        server.protocol.recv_reply(client)
+    finally:
+        client.close()
+        server_end.close()
+        sys.modules.pop("f", None)
+        sys.path_importer_cache.pop(REHEARSAL_DIR, None)
+        sys.path[:] = saved_path
+
+
+def make_proc_mount():
+    """A detached proc mount of this PID namespace, for the sandbox's
+    /proc once its root is attached."""
+    fs_fd = check(
+        libc.syscall(numbers["fsopen"], b"proc", FSOPEN_CLOEXEC), "fsopen proc"
+    )
+    try:
+        check(
+            libc.syscall(
+                numbers["fsconfig"], fs_fd, FSCONFIG_CMD_CREATE, None, None, 0
+            ),
+            "fsconfig proc",
+        )
+        return check(
+            libc.syscall(
+                numbers["fsmount"],
+                fs_fd,
+                FSMOUNT_CLOEXEC,
+                MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            ),
+            "fsmount proc",
+        )
+    finally:
+        os.close(fs_fd)
+
+
 def set_up_stdio(work_fd, log_fd, channel_fd):
-    """fd 0 /dev/null, 1 and 2 the sandbox log, 3 the listening socket (or
-    a child zygote's control socket); nothing else but the channel, which
-    the zygote received while it held fds 0 to 3, so it is above them."""
-    work_high = fcntl.fcntl(work_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-    log_high = fcntl.fcntl(log_fd, fcntl.F_DUPFD_CLOEXEC, 10)
-    null = os.open("/dev/null", os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(log_high, 1)
-    os.dup2(log_high, 2)
-    os.dup2(work_high, LISTEN_FD)
-    close_fds_except({0, 1, 2, LISTEN_FD, channel_fd})
+    """fd 0 /dev/null (the zygote's), 1 and 2 the sandbox log, 3 the
+    listening socket (or a child zygote's control socket).
+
+    PERF: no listing of /proc/self/fd: the forked child closed all it
+    inherited, so the fds open here are exactly these and the channel.
+    """
+    if channel_fd <= LISTEN_FD:
+        raise ChildFailed(f"channel on fd {channel_fd}, not above stdio")
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    if work_fd != LISTEN_FD:
+        # Replaces log_fd if that was on LISTEN_FD: 1 and 2 hold it now.
+        os.dup2(work_fd, LISTEN_FD)
+        os.close(work_fd)
+    if log_fd not in (1, 2, LISTEN_FD):
+        os.close(log_fd)
 
 
 def drop_privileges():

@@ -15,12 +15,15 @@ GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guest")
 GUEST_FILES = ("server.py", "protocol.py", "codec.py", "zygote.py")
 LAYER_SUBDIR = os.path.join("opt", "sockworker", "guest")
 MOUNT_POINT_SUBDIR = os.path.join("opt", "sockworker", "mnt")
+# The stand-in lambda a zygote's child rehearses a start with.
+REHEARSAL_SUBDIR = os.path.join("opt", "sockworker", "rehearsal")
+REHEARSAL_HANDLER = "def f(event):\n    return event\n"
 # Bump when the layer's layout changes beyond the guest files.
-LAYOUT_VERSION = b"2"
+LAYOUT_VERSION = b"3"
 
 
 def guest_digest():
-    digest = hashlib.sha256(LAYOUT_VERSION)
+    digest = hashlib.sha256(LAYOUT_VERSION + REHEARSAL_HANDLER.encode())
     for name in GUEST_FILES:
         with open(os.path.join(GUEST_DIR, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read() + b"\0")
@@ -40,6 +43,7 @@ def install_guest_layer(runtime_dir):
         os.makedirs(target)
         # Where a zygote's child attaches a new sandbox's root.
         os.makedirs(os.path.join(staging, MOUNT_POINT_SUBDIR))
+        write_rehearsal_handler(os.path.join(staging, REHEARSAL_SUBDIR))
         for name in GUEST_FILES:
             shutil.copyfile(
                 os.path.join(GUEST_DIR, name), os.path.join(target, name)
@@ -57,3 +61,14 @@ def install_guest_layer(runtime_dir):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return layer
+
+
+def write_rehearsal_handler(directory):
+    """The stand-in lambda, compiled like a real one (the registry's
+    compile_code), so that the rehearsal loads bytecode as a start does."""
+    from sockworker.registry import compile_code
+
+    os.makedirs(directory)
+    with open(os.path.join(directory, "f.py"), "w") as f:
+        f.write(REHEARSAL_HANDLER)
+    compile_code(directory)

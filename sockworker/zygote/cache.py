@@ -50,12 +50,19 @@ class ForkedSandbox(Container):
         self.zygote = zygote
         self.channel = None
         self.scratch_fd = -1
+        self.listener = None
+        self.log_fd = -1
 
     def prepare(self):
-        """Cgroups and a forked child of the zygote, waiting."""
+        """Cgroups, socket, log and a forked child of the zygote,
+        waiting."""
         try:
             self.prepare_directory()
             self.cgroup.create(self.spec.limits)
+            self.listener = self.bind_socket()
+            self.log_fd = os.open(
+                self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
             self.scratch_fd = mounts.make_detached_scratch(
                 self.spec.scratch_bytes
             )
@@ -107,21 +114,20 @@ class ForkedSandbox(Container):
             raise SandboxError(
                 f"mount overlay root of sandbox {self.id}: {exc}"
             ) from exc
-        work = extra.pop("work_socket", None) or self.bind_socket()
-        log_fd = os.open(
-            self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-        )
+        work = extra.pop("work_socket", None) or self.listener
         try:
             message = json.dumps(
                 {"mode": mode, "env": env, "code_dir": "/handler", **extra}
             ).encode()
             socket.send_fds(
-                self.channel, [message], [root_fd, work.fileno(), log_fd]
+                self.channel,
+                [message],
+                [root_fd, work.fileno(), self.log_fd],
             )
         finally:
             os.close(root_fd)
-            os.close(log_fd)
             work.close()
+            self.close_host_ends()
 
     def await_started(self):
         """The init says "started" once it serves; anything else on the
@@ -170,6 +176,15 @@ class ForkedSandbox(Container):
         kind, _, value = line.partition(" ")
         return int(value) if kind == "exit" and value.isdigit() else None
 
+    def close_host_ends(self):
+        """The listener and log belong to the init once sent."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+            self.log_fd = -1
+
     def close_scratch(self):
         if self.scratch_fd >= 0:
             os.close(self.scratch_fd)
@@ -179,6 +194,7 @@ class ForkedSandbox(Container):
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        self.close_host_ends()
         self.close_scratch()
         super().destroy()
 
