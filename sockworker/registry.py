@@ -74,10 +74,11 @@ import errno
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import io
 import logging
+import marshal
 import os
-import py_compile
 import re
 import shutil
 import stat
@@ -119,6 +120,9 @@ _TAR_OVERHEAD_PER_MEMBER = 4096
 _FILE_MODE = 0o644
 _EXEC_MODE = 0o755
 _DIR_MODE = 0o755
+# The flags word of a .pyc validated by a hash of its source, which the
+# importer does not check (PEP 552).
+_UNCHECKED_HASH_PYC = 0b01
 
 # The clock for refresh intervals; tests replace it to step through time.
 _now = time.monotonic
@@ -1022,6 +1026,7 @@ class Registry:
                 os.mkdir(directory, _DIR_MODE)
                 os.chmod(directory, _DIR_MODE)
             write_tree(members, handler)
+            write_bytecode(members, handler)
             self._move_into_place(tmp, name, version)
         except OSError as err:
             raise OSError(
@@ -1048,10 +1053,12 @@ class Registry:
             self._busy.discard(tmp)
 
     def _move_into_place(self, tmp, name, version):
-        compile_code(tmp)
         name_dir = os.path.join(self.cache_dir, name)
-        os.makedirs(name_dir, _DIR_MODE, exist_ok=True)
-        os.chmod(name_dir, _DIR_MODE)
+        try:
+            os.mkdir(name_dir, _DIR_MODE)
+            os.chmod(name_dir, _DIR_MODE)
+        except FileExistsError:
+            pass
         try:
             os.rename(tmp, os.path.join(name_dir, version))
         except OSError as err:
@@ -1139,29 +1146,74 @@ def _check_positive(what, value):
 
 
 def compile_code(tree):
-    """Write bytecode beside the lambda's modules, once, at unpack time.
-
-    PERF: the code layer is read-only inside a sandbox, so without this
-    every cold start compiles f.py again. Unchecked-hash .pyc files stay
-    valid whatever the files' times; an image whose Python has another
-    version ignores them (its cache tag differs). A module that does not
-    compile is left for the sandbox to report when it imports it.
-    """
+    """Write bytecode beside every module under `tree`, as the unpack
+    does (see write_bytecode), for code that is already on disk."""
     for directory, _, files in os.walk(tree):
+        members = []
         for filename in files:
             if filename.endswith(".py"):
-                try:
-                    py_compile.compile(
-                        os.path.join(directory, filename),
-                        doraise=True,
-                        invalidation_mode=(
-                            py_compile.PycInvalidationMode.UNCHECKED_HASH
-                        ),
-                    )
-                except (py_compile.PyCompileError, OSError, ValueError):
-                    continue
-    for directory, _, files in os.walk(tree):
-        os.chmod(directory, _DIR_MODE)
-        for filename in files:
-            if filename.endswith(".pyc"):
-                os.chmod(os.path.join(directory, filename), 0o644)
+                with open(os.path.join(directory, filename), "rb") as f:
+                    members.append(_Member((filename,), "file", f.read()))
+        write_bytecode(members, directory)
+
+
+def write_bytecode(members, top):
+    """Write bytecode beside the modules among `members`, unpacked under
+    `top`, from the source held in memory.
+
+    PERF: the code layer is read-only inside a sandbox, so without this
+    every cold start compiles f.py again. The files are unchecked-hash
+    .pyc files, valid whatever the files' times, written straight into
+    the unpack's temporary tree (py_compile would read each source back
+    and write through a temporary file of its own). An image whose
+    Python has another version ignores them: its cache tag differs. A
+    module that does not compile is left for the sandbox to report when
+    it imports it.
+    """
+    made = set()
+    for member in members:
+        if member.kind != "file" or not member.path[-1].endswith(".py"):
+            continue
+        source = os.path.join(top, *member.path)
+        target = importlib.util.cache_from_source(source, optimization="")
+        try:
+            code = compile(
+                member.data, source, "exec", dont_inherit=True, optimize=0
+            )
+        except (SyntaxError, ValueError, RecursionError):
+            continue
+        data = b"".join(
+            (
+                importlib.util.MAGIC_NUMBER,
+                _UNCHECKED_HASH_PYC.to_bytes(4, "little"),
+                importlib.util.source_hash(member.data),
+                marshal.dumps(code),
+            )
+        )
+        try:
+            _make_cache_dir_once(os.path.dirname(target), made)
+            _remove_old_bytecode(target)
+            _write_file(target, _Member(member.path, "file", data))
+        except OSError:
+            continue
+
+
+def _remove_old_bytecode(path):
+    """A tree from a registry may hold bytecode of its own, which the
+    worker's replaces. Unlinked, not overwritten: it may be a hard link
+    to another member."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _make_cache_dir_once(path, made):
+    if path in made:
+        return
+    try:
+        os.mkdir(path, _DIR_MODE)
+        os.chmod(path, _DIR_MODE)
+    except FileExistsError:
+        pass
+    made.add(path)

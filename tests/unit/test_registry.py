@@ -1,7 +1,9 @@
 """The lambda registry with local registries: a folder path and file://."""
 
 import gzip
+import importlib.util
 import io
+import marshal
 import os
 import runpy
 import socket
@@ -983,3 +985,66 @@ def test_code_is_compiled_once_at_unpack(reg_dir, cache):
     with open(pyc, "rb") as f:
         assert int.from_bytes(f.read(8)[4:8], "little") == 0b01
     assert os.stat(pyc).st_mode & 0o777 == 0o644
+
+
+def load_bytecode(path):
+    """The code object in an unchecked-hash .pyc, after its header."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == importlib.util.MAGIC_NUMBER
+    return marshal.loads(data[16:])
+
+
+def test_bytecode_is_the_source_compiled(reg_dir, cache):
+    library = HANDLER.replace(b"f(", b"g(")
+    put_folder(
+        reg_dir,
+        "pkg",
+        {"f.py": b"from lib import g\nf = g\n", "lib.py": library},
+    )
+    code = Registry(str(reg_dir), str(cache)).get("pkg")
+
+    namespace = {}
+    pyc = importlib.util.cache_from_source(
+        os.path.join(code.code_dir, "lib.py")
+    )
+    exec(load_bytecode(pyc), namespace)
+    assert namespace["g"]({"n": 1}) == {"n": 1}
+    with open(pyc, "rb") as f:
+        stored_hash = f.read(16)[8:16]
+    assert stored_hash == importlib.util.source_hash(
+        read(os.path.join(code.code_dir, "lib.py"))
+    )
+
+
+def test_shipped_bytecode_is_replaced(reg_dir, cache):
+    # Bytecode from the registry need not match its source; the worker
+    # writes its own over it, and leaves a module that does not compile
+    # without bytecode for the sandbox to report.
+    tag = sys.implementation.cache_tag
+    fake = importlib.util.MAGIC_NUMBER + b"\x01\0\0\0" + b"\0" * 8
+    fake += marshal.dumps(
+        compile("def f(event):\n    return 'x'\n", "", "exec")
+    )
+    (reg_dir / "shipped.tar.gz").write_bytes(
+        tar_gz(
+            [
+                ("f.py", "file", HANDLER),
+                (f"__pycache__/f.{tag}.pyc", "file", fake),
+                ("broken.py", "file", b"def (\n"),
+            ]
+        )
+    )
+    code = Registry(str(reg_dir), str(cache)).get("shipped")
+
+    namespace = {}
+    exec(
+        load_bytecode(
+            os.path.join(code.code_dir, "__pycache__", f"f.{tag}.pyc")
+        ),
+        namespace,
+    )
+    assert namespace["f"]("same") == "same"
+    assert sorted(os.listdir(os.path.join(code.code_dir, "__pycache__"))) == [
+        f"f.{tag}.pyc"
+    ]
