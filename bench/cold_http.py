@@ -21,7 +21,6 @@ import http.client
 import json
 import logging
 import os
-import pkgutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from peers import summarize
 from warm_path import PYTHON, TOP, free_port, wait_for_port
 
-from sockworker.config import FIELDS
+from sockworker.manager import ZYGOTE_RESERVE_MB
 from sockworker.sandbox.backend import tree_name
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ REQUEST_TIMEOUT = 30
 # request of a worker also pays for one-time work (the registry's first
 # listing, the first connection to a sandbox socket, lazy imports).
 WARMUP = 2
-IMPORT_CACHE_MISSING = "not built yet: import cache (zygotes) missing"
 
 
 class BenchError(Exception):
@@ -314,31 +312,6 @@ def timed_run(port, name):
     return elapsed
 
 
-# -- the import cache -------------------------------------------------------
-
-
-def import_cache_reason():
-    """Why the import-cache rows cannot be measured, or None once the
-    import cache exists.
-
-    Two facts must both hold before a row with import_cache true means
-    anything: the worker config documents the field as working (today
-    its text says it is accepted but not built), and the zygote package
-    holds code. Until then a cache-on run would measure fresh starts
-    under a misleading name.
-    """
-    fields = {field.name: field for field in FIELDS}
-    if "import_cache" not in fields:
-        return "the worker config has no import_cache field"
-    if "not built yet" in fields["import_cache"].doc.lower():
-        return IMPORT_CACHE_MISSING
-    import sockworker.zygote
-
-    if not any(pkgutil.iter_modules(sockworker.zygote.__path__)):
-        return IMPORT_CACHE_MISSING
-    return None
-
-
 # -- the measurement --------------------------------------------------------
 
 
@@ -355,7 +328,12 @@ def measure(
         )
         # Every instance stays warm and idle: none is evicted or expired
         # inside a timed request, so each run pays for one creation only.
+        # The worker sets memory aside for zygotes when the import cache
+        # is on; the budget holds that too.
         instances = WARMUP + runs + 4
+        budget_mb = 64 * instances
+        if import_cache:
+            budget_mb += ZYGOTE_RESERVE_MB
         config = worker_config(
             tmp,
             registry,
@@ -363,7 +341,7 @@ def measure(
             import_cache=import_cache,
             memory_mb=64,
             max_instances=instances,
-            memory_budget_mb=64 * instances,
+            memory_budget_mb=budget_mb,
             keep_warm_seconds=3600,
         )
         worker = Worker(tmp, config)
@@ -371,6 +349,7 @@ def measure(
         try:
             worker.start()
             times = run_cold(worker, names, pause)
+            check_none_evicted(worker, len(names))
             details["worker_stats"] = worker.stats()["totals"]
         except (BenchError, OSError) as e:
             times = str(e)
@@ -387,6 +366,17 @@ def run_cold(worker, names, pause):
         time.sleep(pause)
         times.append(timed_run(worker.port, name))
     return times
+
+
+def check_none_evicted(worker, created):
+    """Each timed request must have paid for one creation and nothing
+    else: an eviction would add a destroy to it."""
+    instances = worker.status()["instances"]
+    if instances != created:
+        raise BenchError(
+            f"{created} lambdas run but {instances} instances alive: the "
+            "worker evicted or lost instances during the run"
+        )
 
 
 def worker_facts(config):

@@ -42,6 +42,7 @@ from cold_http import (
 )
 from peers import summarize
 
+from sockworker.manager import ZYGOTE_RESERVE_MB
 from sockworker.sandbox.backend import tree_name
 from sockworker.sandbox.cgroups import CgroupLayout
 
@@ -80,6 +81,9 @@ def measure_level(images_dir, clients, requests):
         registry = os.path.join(tmp, "registry")
         names = write_lambdas(registry, lambda_names("noop", total))
         instances = total + 4
+        # As in the cold-start rows: room for every instance beside the
+        # memory the worker sets aside for zygotes, so none is evicted.
+        budget_mb = 64 * instances + ZYGOTE_RESERVE_MB
         config = worker_config(
             tmp,
             registry,
@@ -87,7 +91,7 @@ def measure_level(images_dir, clients, requests):
             memory_mb=64,
             max_instances=instances,
             max_instances_per_lambda=max(clients, 4),
-            memory_budget_mb=64 * instances,
+            memory_budget_mb=budget_mb,
             keep_warm_seconds=3600,
             http_threads=max(32, 2 * clients),
         )

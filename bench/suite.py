@@ -179,10 +179,7 @@ def measure_http(settings, image, details, import_cache=False):
 
 
 def measure_http_import_cache(settings, image, details):
-    """The same measurement with the import cache on, once it exists."""
-    reason = cold_http.import_cache_reason()
-    if reason:
-        return reason
+    """The same measurement with the import cache on."""
     return measure_http(settings, image, details, import_cache=True)
 
 
@@ -190,9 +187,6 @@ def measure_numpy(settings, image, details, import_cache=True):
     """A handler that imports numpy (pinned, so every run of the suite
     measures the same package), with the import cache on: what the
     zygotes are for; or off, for the ratio."""
-    reason = cold_http.import_cache_reason()
-    if reason:
-        return reason
     times, extra = cold_http.measure(
         settings["images_dir"],
         settings["runs"],
