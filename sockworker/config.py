@@ -292,6 +292,13 @@ class Config:
         "Total memory all instances may have, in MiB; 0 means 3/4 of the "
         "machine's MemTotal.",
     )
+    code_cache_mb: int = _option(
+        512,
+        _Integer(0),
+        "Memory for unpacked lambda code, in MiB: a tmpfs at "
+        "<state_dir>/lambdas that only the worker sees; 0 keeps the code "
+        "on disk there instead.",
+    )
     import_cache: bool = _option(
         True,
         _Boolean(),

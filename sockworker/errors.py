@@ -74,6 +74,14 @@ class RegistryUnavailable(WorkerError):
     kind = "registry_unavailable"
 
 
+class CodeCacheFull(WorkerError):
+    """The code cache has no room left to unpack a lambda, even after the
+    versions no instance uses were removed."""
+
+    status = 507
+    kind = "code_cache_full"
+
+
 class ShuttingDown(WorkerError):
     status = 503
     kind = "shutting_down"

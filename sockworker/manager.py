@@ -96,9 +96,15 @@ class LambdaManager:
         status = 200
         cold = False
         try:
-            code = self.registry.get(name)
+            code = self.pull(name)
             pool = self.pool(name)
-            instance, cold = self.acquire(pool, code)
+            # Counted as in use until an instance holds it, so that no
+            # removal of unused code takes it while the request waits.
+            self.count_version(code, +1)
+            try:
+                instance, cold = self.acquire(pool, code)
+            finally:
+                self.count_version(code, -1)
             try:
                 reply = instance.sandbox.request(
                     body, self.config.timeout_seconds
@@ -116,6 +122,19 @@ class LambdaManager:
             self.recorder.record(
                 name, cold, time.perf_counter() - started, status
             )
+
+    def pull(self, name):
+        """The lambda's current code. When the code cache is full, the
+        versions no instance uses (current ones too) are removed once to
+        make room, and the pull is tried again."""
+        try:
+            return self.registry.get(name)
+        except errors.CodeCacheFull as exc:
+            log.warning("%s; removing unused code to make room", exc.message)
+        with self.total_lock:
+            in_use = set(self.versions_in_use)
+        self.registry.remove_unused(in_use, keep_current=False)
+        return self.registry.get(name)
 
     def pool(self, name):
         pool = self.pools.get(name)

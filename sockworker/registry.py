@@ -37,7 +37,9 @@ execute bit was set), directories 0755, because the handler runs as an
 unprivileged user. A version is unpacked into <cache_dir>/.tmp-<pid>-...
 and renamed into place, so a version directory is either complete or
 absent; a crash leaves only a temporary directory, which `sweep()` removes.
-An existing version directory is reused as it is (also across restarts).
+An existing version directory is reused as it is (also across restarts,
+when cache_dir is on disk). A write that fails for want of space raises
+CodeCacheFull, so that the caller can make room and try again.
 
 Updates. `get()` returns the cached LambdaCode without touching the
 registry until `refresh_seconds` have passed since the last check of that
@@ -54,10 +56,11 @@ that is missing or invalid is looked up again on the next call.
 Lifetime of old versions. LambdaCode objects are immutable and name a
 version directory that stays intact until the caller lets it go: the
 registry never deletes a version by itself. `remove_unused(in_use)` deletes
-every version that is neither current nor listed in `in_use`, so the
-caller (the lambda manager, which knows which instances use which version)
-decides when. This was chosen over reference counting because the
-manager already keeps that set, and a missed release could then only keep
+every version that is neither current nor listed in `in_use` (with
+keep_current=False, current ones too), so the caller (the lambda
+manager, which knows which instances use which version) decides when.
+This was chosen over reference counting because the manager already
+keeps that set, and a missed release could then only keep
 a directory too long, never delete one too early. The caller must list
 every version it holds, including one it got from `get()` and is still
 setting up an instance for.
@@ -94,6 +97,7 @@ from dataclasses import dataclass
 
 from sockworker.errors import (
     BadRequest,
+    CodeCacheFull,
     LambdaInvalid,
     LambdaNotFound,
     RegistryUnavailable,
@@ -1029,6 +1033,11 @@ class Registry:
             write_bytecode(members, handler)
             self._move_into_place(tmp, name, version)
         except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CodeCacheFull(
+                    f"unpack lambda {name!r} version {version}: the code "
+                    f"cache {self.cache_dir} is full ({err.strerror})"
+                ) from err
             raise OSError(
                 err.errno,
                 f"unpack lambda {name!r} version {version}: {err.strerror}",
@@ -1084,9 +1093,13 @@ class Registry:
             log.info("registry: removing leftover %s", entry.path)
             self._remove_tree(entry.path)
 
-    def remove_unused(self, in_use: set[tuple[str, str]]) -> None:
-        """Delete every version directory that is neither the current
-        version of its lambda nor listed in `in_use` as (name, version)."""
+    def remove_unused(
+        self, in_use: set[tuple[str, str]], keep_current: bool = True
+    ) -> None:
+        """Delete every version directory not listed in `in_use` as
+        (name, version), except the current version of each lambda unless
+        `keep_current` is false. A lambda whose current version goes is
+        pulled again on its next get()."""
         for name_entry in self._scan(self.cache_dir):
             name = name_entry.name
             if not _NAME_RE.fullmatch(name):
@@ -1094,11 +1107,17 @@ class Registry:
             if not name_entry.is_dir(follow_symlinks=False):
                 continue
             with self._locks.hold(name):
-                self._remove_versions(name, name_entry.path, in_use)
+                self._remove_versions(
+                    name, name_entry.path, in_use, keep_current
+                )
 
-    def _remove_versions(self, name, name_dir, in_use):
+    def _remove_versions(self, name, name_dir, in_use, keep_current):
         entry = self._entries.get(name)
         current = entry.code.version if entry is not None else None
+        if current is not None and not keep_current:
+            if (name, current) not in in_use:
+                del self._entries[name]
+                current = None
         for version_entry in self._scan(name_dir):
             version = version_entry.name
             if not _VERSION_RE.fullmatch(version):

@@ -4,12 +4,14 @@ process, torn down when it exits."""
 
 import logging
 import os
+import shutil
 
 from sockworker.api.accesslog import buffered_sink_for_root_logger
 from sockworker.api.app import create_app
 from sockworker.manager import LambdaManager
 from sockworker.packages import PackageStore, install_backend_factory
 from sockworker.registry import Registry
+from sockworker.sandbox import mounts, native
 from sockworker.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -21,10 +23,16 @@ class Runtime:
 
         self.config = config
         self.access_sink = None
+        code_cache = os.path.join(config.state_dir, "lambdas")
+        # First: the mount namespace is the calling thread's alone, and no
+        # other thread may exist yet.
+        self.code_cache_mounted = mount_code_cache(
+            code_cache, config.code_cache_mb
+        )
         self.backend = make_backend(config, image_path)
         self.registry = Registry(
             config.registry,
-            os.path.join(config.state_dir, "lambdas"),
+            code_cache,
             refresh_seconds=config.registry_refresh_seconds,
             max_bytes=config.max_code_bytes,
         )
@@ -47,9 +55,46 @@ class Runtime:
         log.info("stopping: draining requests and destroying sandboxes")
         self.manager.shutdown(drain_seconds=self.config.timeout_seconds)
         self.backend.close()
+        if self.code_cache_mounted:
+            # It would go with this process anyway; unmounted here, it
+            # goes at once, whatever else of the process lingers.
+            native.umount2(self.registry.cache_dir, native.MNT_DETACH)
         log.info("stopped")
         if self.access_sink is not None:
             self.access_sink.close()
+
+
+def mount_code_cache(path, size_mb):
+    """Unpacked lambda code in memory, in a tmpfs private to this process,
+    unless size_mb is 0 or the mount fails (then it stays on disk).
+
+    PERF: every cold start of a lambda never run before unpacks its code;
+    measured in the worker here, the unpack's directories and files cost
+    about 2 ms on ext4 and 0.4 ms on tmpfs. Code in memory is pulled again
+    after a restart, which a local registry makes cheap.
+    """
+    if not size_mb:
+        return False
+    try:
+        # Code unpacked to disk by an earlier worker would lie hidden
+        # under the mount for good.
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, 0o755, exist_ok=True)
+        mounts.mount_private_tmpfs(path, size_mb << 20)
+    except OSError as exc:
+        log.warning(
+            "code cache stays on disk in %s: mount a private tmpfs there: %s",
+            path,
+            exc,
+        )
+        return False
+    log.info(
+        "code cache: %d MiB tmpfs at %s, private to pid %d",
+        size_mb,
+        path,
+        os.getpid(),
+    )
+    return True
 
 
 def make_package_store(config, image_path):

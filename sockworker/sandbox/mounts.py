@@ -1,12 +1,15 @@
-"""Mount steps that build a container's root filesystem.
+"""Mount steps that build a container's root filesystem, and the worker's
+private tmpfs for unpacked code.
 
-These run in the child, inside its own mount namespace, after the mounts
-were made private: nothing mounted here propagates to the host, and all of
-it vanishes with the namespace when the sandbox's last process exits.
+The container steps run in the child, inside its own mount namespace,
+after the mounts were made private: nothing mounted there propagates to
+the host, and all of it vanishes with the namespace when the sandbox's last
+process exits.
 Overlay options use paths relative to the working directory (the worker's
 state directory) so that the container's mount table shows no host path.
 """
 
+import errno
 import os
 import stat
 
@@ -35,6 +38,31 @@ def make_mounts_private():
     """Stop mount events propagating between this namespace and the
     host's, in both directions."""
     native.mount(None, "/", None, native.MS_REC | native.MS_PRIVATE)
+
+
+def mount_private_tmpfs(path, size_bytes):
+    """Move the calling process into a mount namespace of its own and
+    mount a tmpfs of size_bytes at path there.
+
+    Only this process and the children it forks from now on see the
+    tmpfs, and it vanishes with the last of them: a worker killed with
+    SIGKILL leaves no mount on the host. Mounts made on the host later
+    still appear here (slave propagation). The caller must be
+    single-threaded, since unshare moves only the calling thread.
+    """
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise OSError(
+            errno.EINVAL,
+            f"the process has {threads} threads; a private mount namespace "
+            "needs one",
+            path,
+        )
+    native.unshare(native.CLONE_NEWNS)
+    native.mount(None, "/", None, native.MS_REC | native.MS_SLAVE)
+    native.mount(
+        "tmpfs", path, "tmpfs", NOSUID_NODEV, f"size={size_bytes},mode=0755"
+    )
 
 
 def mount_scratch(path, size_bytes):

@@ -1,5 +1,6 @@
 """The lambda registry with local registries: a folder path and file://."""
 
+import errno
 import gzip
 import importlib.util
 import io
@@ -18,6 +19,7 @@ import pytest
 from sockworker import registry
 from sockworker.errors import (
     BadRequest,
+    CodeCacheFull,
     LambdaInvalid,
     LambdaNotFound,
     RegistryUnavailable,
@@ -887,18 +889,49 @@ def test_concurrent_gets_pull_once(monkeypatch, reg_dir, cache):
     assert unpacks == ["echo"]
 
 
-def test_failed_unpack_leaves_nothing(monkeypatch, reg_dir, cache):
+@pytest.mark.parametrize(
+    "err, expected",
+    [
+        (errno.ENOSPC, CodeCacheFull),
+        (errno.EDQUOT, CodeCacheFull),
+        (errno.EIO, OSError),
+    ],
+)
+def test_failed_unpack_leaves_nothing(
+    err, expected, monkeypatch, reg_dir, cache
+):
     (reg_dir / "w.tar.gz").write_bytes(
         tar_gz([("f.py", "file", HANDLER), ("g.py", "file", b"")])
     )
 
-    def full_disk(path, member):
-        raise OSError(28, "No space left on device", path)
+    def failing_write(path, member):
+        raise OSError(err, os.strerror(err), path)
 
-    monkeypatch.setattr(registry, "_write_file", full_disk)
-    with pytest.raises(OSError, match="unpack lambda 'w' version"):
+    monkeypatch.setattr(registry, "_write_file", failing_write)
+    with pytest.raises(expected, match="unpack lambda 'w' version") as info:
         Registry(str(reg_dir), str(cache)).get("w")
     assert os.listdir(cache) == []
+    if expected is CodeCacheFull:
+        assert info.value.status == 507
+        assert str(cache) in info.value.message
+
+
+def test_remove_unused_can_take_current_versions(reg_dir, cache):
+    for name in ("kept", "idle"):
+        put_folder(reg_dir, name, {"f.py": HANDLER})
+    reg = Registry(str(reg_dir), str(cache), refresh_seconds=3600)
+    kept, idle = reg.get("kept"), reg.get("idle")
+
+    reg.remove_unused(set())
+    assert sorted(os.listdir(cache)) == ["idle", "kept"]
+
+    reg.remove_unused({("kept", kept.version)}, keep_current=False)
+    assert os.listdir(cache) == ["kept"]
+    assert os.path.isdir(kept.code_dir)
+    # The idle lambda's entry went with its code: the next get pulls it
+    # again, though its refresh interval has not passed.
+    again = reg.get("idle")
+    assert again == idle and os.path.isdir(again.code_dir)
 
 
 def test_crash_mid_unpack_leaves_temp_dir_for_sweep(reg_dir, cache):
