@@ -178,11 +178,24 @@ def final_sweep(config, image_path):
 
 
 class DrainingThreadWorker(ThreadWorker):
-    """gthread, but once it stops accepting at shutdown it closes its
-    listening sockets too. The master has closed its copies already; with
-    ours open, the kernel would keep queueing new connections that nobody
-    accepts until the drain ends, and then reset them. Closed, they are
-    refused at once and a client or load balancer can go elsewhere."""
+    """gthread, with two changes for a drain at shutdown.
+
+    Once it stops accepting it closes its listening sockets too. The
+    master has closed its copies already; with ours open, the kernel would
+    keep queueing new connections that nobody accepts until the drain
+    ends, and then reset them. Closed, they are refused at once and a
+    client or load balancer can go elsewhere.
+
+    From SIGTERM on, a request that still reaches the app, on a
+    connection kept alive from before, gets 503 instead of a sandbox,
+    while the running ones finish.
+    """
+
+    def handle_exit(self, sig, frame):
+        runtime = getattr(self.app, "runtime", None)
+        if runtime is not None:
+            runtime.manager.refuse_new()
+        super().handle_exit(sig, frame)
 
     def set_accept_enabled(self, enabled):
         super().set_accept_enabled(enabled)

@@ -184,7 +184,7 @@ class LambdaManager:
         """Wait for an instance of pool to come free (or, with poll, for
         a while, since a slot freed by another lambda notifies nobody
         here)."""
-        if not self.accepting:
+        if self.stopped.is_set():
             raise errors.ShuttingDown("worker is shutting down")
         if pool.waiting >= self.config.queue_per_lambda:
             raise errors.Overloaded(
@@ -236,12 +236,13 @@ class LambdaManager:
         instance.requests += 1
         instance.last_used = time.monotonic()
         alive = instance.sandbox.alive()
+        keep = alive and not self.stopped.is_set()
         with pool.cond:
             pool.busy -= 1
-            if alive and self.accepting:
+            if keep:
                 pool.idle.append(instance)
             pool.cond.notify()
-        if not alive or not self.accepting:
+        if not keep:
             self.destroy(
                 instance,
                 "sandbox ended" if not alive else "worker shutting down",
@@ -335,6 +336,12 @@ class LambdaManager:
             self.registry.remove_unused(in_use)
 
     # -- lifecycle -----------------------------------------------------------
+
+    def refuse_new(self):
+        """Refuse requests from now on (503); those already running, and
+        those queued for an instance, still finish. Safe to call from a
+        signal handler."""
+        self.accepting = False
 
     def shutdown(self, drain_seconds=30.0):
         """Refuse new requests, let running ones finish, destroy all."""

@@ -6,7 +6,7 @@ no state of their own. The manager's interface, as used here:
     manager.run(name, body) -> (result JSON bytes, cold)   raises WorkerError
     manager.status() -> dict
     manager.stats() -> dict
-    manager.accepting -> bool    False once shutdown has begun
+    manager.accepting -> bool    False once the worker refuses requests
 """
 
 import json

@@ -4,6 +4,7 @@ forms (folder, file, tarball, HTTP) and start-up errors."""
 
 import concurrent.futures
 import functools
+import http.client
 import http.server
 import json
 import os
@@ -438,6 +439,41 @@ def test_shutdown_drains_in_flight_and_refuses_new(worker, registry):
         assert isinstance(late, ConnectionRefusedError), repr(late)
     else:
         assert_error(late, 503, "shutting_down")
+    assert worker.wait() == 0
+
+
+def test_request_on_open_connection_during_drain_is_503(worker, registry):
+    # A connection kept alive from before SIGTERM stays open for a moment
+    # of the drain; a request on it reaches the app, which refuses it.
+    registry.add("sleeper", SLEEPER)
+    kept = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=10)
+    kept.request("GET", "/status")
+    assert kept.getresponse().read()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            worker.run, "sleeper", {"seconds": 2, "id": "drained"}
+        )
+        time.sleep(0.5)
+        worker.send(signal.SIGTERM)
+        time.sleep(0.3)
+        replies = []
+        for method, path in (("POST", "/run/sleeper"), ("GET", "/status")):
+            kept.request(
+                method, path, body=b"{}" if method == "POST" else None
+            )
+            response = kept.getresponse()
+            headers = {k.lower(): v for k, v in response.getheaders()}
+            replies.append(Reply(response.status, headers, response.read()))
+            if headers.get("connection") == "close":
+                break
+        assert in_flight.result().status == 200
+
+    kept.close()
+    body = assert_error(replies[0], 503, "shutting_down", "sleeper")
+    assert "not run" in body["message"]
+    for reply in replies[1:]:
+        assert_error(reply, 503, "shutting_down")
     assert worker.wait() == 0
 
 
