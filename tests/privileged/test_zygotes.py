@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from sockworker import errors
 from sockworker.guest import protocol
 from sockworker.packages import PackageStore, install_backend_factory
 from sockworker.sandbox.backend import SockBackend
@@ -133,6 +134,28 @@ def test_killed_zygote_is_replaced_and_no_request_is_lost(tmp_path, backend):
             os.kill(pid, signal.SIGKILL)
         wait_until(lambda root=root: not root.alive())
     assert answers == [{"round": 0}, {"round": 1}, {"round": 2}]
+
+
+def test_start_failing_in_the_init_fails_the_first_request(tmp_path, backend):
+    # The first request goes out before the init has entered its root;
+    # an init whose start fails must fail it with the step, not hang it.
+    code = make_lambda(tmp_path, "echo", ECHO)
+    sandbox = backend.create(code, {"BAD=NAME": "x"})
+    try:
+        with pytest.raises(errors.SandboxDied) as caught:
+            call(sandbox, {"n": 1})
+    finally:
+        sandbox.destroy()
+    reason = caught.value.details["reason"]
+    assert reason.startswith("start failed: "), reason
+    assert "environment variable" in reason, reason
+
+    sandbox = backend.create(code)
+    try:
+        assert call(sandbox, {"n": 2}) == (protocol.REPLY_OK, {"n": 2})
+        assert sandbox.alive()
+    finally:
+        sandbox.destroy()
 
 
 def test_thousand_cold_starts_leave_nothing(tmp_path, backend):
