@@ -37,6 +37,7 @@ STOP_SECONDS = 60.0
 # this only covers the kernel finishing off killed processes.
 GONE_SECONDS = 10.0
 LOG_TAIL_BYTES = 20000
+NOBODY = 65534
 
 _WORKERS = pytest.StashKey[list]()
 
@@ -155,6 +156,17 @@ def tree_pids(state_dir):
             except FileNotFoundError:
                 pass
     return pids
+
+
+def real_uid(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def in_sandbox_cgroup(pid):
@@ -392,12 +404,16 @@ class Worker:
         return sorted(children | tree_pids(self.state_dir))
 
     def container_pids(self):
-        """The sandbox inits only: PID 1 of a PID namespace of their own,
-        in a sandbox's cgroup (zygotes are inits too, in their own)."""
+        """The inits of started sandboxes only: PID 1 of a PID namespace
+        of their own, in a sandbox's cgroup (zygotes are inits too, in
+        their own), running as nobody (the init of a sandbox forked ahead
+        of demand is still root of its zygote's user namespace)."""
         return [
             pid
             for pid in self.sandbox_pids()
-            if in_own_pid_ns(pid) and in_sandbox_cgroup(pid)
+            if in_own_pid_ns(pid)
+            and in_sandbox_cgroup(pid)
+            and real_uid(pid) == NOBODY
         ]
 
     def session(self):
