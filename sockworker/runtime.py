@@ -6,7 +6,10 @@ import logging
 import os
 import shutil
 
-from sockworker.api.accesslog import buffered_sink_for_root_logger
+from sockworker.api.accesslog import (
+    buffered_sink_for_root_logger,
+    unbuffer_root_logger,
+)
 from sockworker.api.app import create_app
 from sockworker.manager import LambdaManager
 from sockworker.packages import PackageStore, install_backend_factory
@@ -61,6 +64,7 @@ class Runtime:
             native.umount2(self.registry.cache_dir, native.MNT_DETACH)
         log.info("stopped")
         if self.access_sink is not None:
+            unbuffer_root_logger(self.access_sink)
             self.access_sink.close()
 
 
