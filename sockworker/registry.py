@@ -366,7 +366,7 @@ def _read_bounded(path, limit, label, what, follow=True):
         raise RegistryUnavailable(
             f"{label}: open {path}: {err.strerror}"
         ) from err
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise LambdaInvalid(f"{label}: {path} is not a regular file")
@@ -376,14 +376,33 @@ def _read_bounded(path, limit, label, what, follow=True):
                 f"of {limit}"
             )
         try:
-            data = f.read(limit + 1)
+            data = _read_fd(fd, limit + 1, st.st_size + 1)
         except OSError as err:
             raise RegistryUnavailable(
                 f"{label}: read {path}: {err.strerror}"
             ) from err
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise LambdaInvalid(f"{label}: {what} is over the limit of {limit}")
     return data
+
+
+def _read_fd(fd, most, expected):
+    """Up to `most` bytes from fd, read in pieces of the expected size.
+
+    PERF: one read of `most` bytes would allocate a buffer that large
+    (the code size limit, 64 MiB) for every file, however small.
+    """
+    chunks = []
+    total = 0
+    while total < most:
+        chunk = os.read(fd, min(max(expected, 1 << 16), most - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def _walk_lstat(root, label):
