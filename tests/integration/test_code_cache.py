@@ -38,8 +38,14 @@ def mount_table(pid):
     return [(left.split()[4], right.split()[0]) for left, right in rows]
 
 
-def test_code_is_in_a_tmpfs_only_the_worker_sees(worker, registry):
+@pytest.mark.parametrize("import_cache", [True, False])
+def test_code_is_in_a_tmpfs_only_the_worker_sees(
+    start_worker, registry, import_cache
+):
+    # Forked sandboxes get their root from the worker's namespace, fresh
+    # ones from a copy of it: both see the code.
     registry.add("echo", "def f(event):\n    return event\n")
+    worker = start_worker(import_cache=import_cache)
     assert worker.run("echo", {"a": 1}).json() == {"a": 1}
 
     cache = os.path.join(worker.state_dir, "lambdas")
