@@ -659,8 +659,19 @@ def default_out_dir(started):
     return os.path.join(RESULTS_DIR, started.strftime("%Y%m%dT%H%M%SZ"))
 
 
+def stop_on_sigterm():
+    """SIGTERM ends the run as Ctrl-C does, through every finally block,
+    so the workers, dockerd and temporary folders it started go too."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv=None):
     args, settings = parse_args(argv)
+    stop_on_sigterm()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="bench: %(levelname)s %(name)s: %(message)s",
