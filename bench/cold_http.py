@@ -28,7 +28,8 @@ import tempfile
 import time
 
 from peers import summarize
-from warm_path import PYTHON, TOP, free_port, wait_for_port
+from warm_path import PYTHON, TOP, free_port, start_bare, wait_for_port
+from warm_path import stop as stop_server
 
 from sockworker.manager import ZYGOTE_RESERVE_MB
 from sockworker.sandbox.backend import tree_name
@@ -356,6 +357,25 @@ def measure(
         finally:
             details["leftovers"] = worker.stop()
         return times, details
+
+
+def measure_floor(runs, pause):
+    """Seconds per POST to a bare Falcon no-op under the worker's
+    gunicorn settings, one fresh connection per run after the same pause:
+    what HTTP alone costs a cold start on this machine."""
+    proc, port = start_bare()
+    try:
+        times = []
+        for _ in range(WARMUP + runs):
+            time.sleep(pause)
+            started = time.perf_counter()
+            status, _, data = request(port, "POST", "/run/noop", b"{}")
+            times.append(time.perf_counter() - started)
+            if status != 200:
+                raise BenchError(f"bare falcon: status {status}: {data!r}")
+        return times[WARMUP:]
+    finally:
+        stop_server(proc)
 
 
 def run_cold(worker, names, pause):

@@ -61,6 +61,7 @@ COLD_ROWS = (
     ("numpy", "numpy handler, import cache on", "cold-http"),
     ("numpy_fresh", "numpy handler, import cache off", "cold-http"),
     ("sandbox", "sockworker sandbox, no HTTP", "sandbox"),
+    ("http_floor", "bare falcon, HTTP only", "cold-http"),
     ("crun", "crun run", "crun"),
     ("runc", "runc run", "runc"),
     ("docker", "docker run --rm", "docker"),
@@ -141,6 +142,9 @@ def cold_measurement(key):
             s, image, d, import_cache=False
         ),
         "sandbox": measure_sandbox,
+        "http_floor": lambda s, image, d: cold_http.measure_floor(
+            s["runs"], s["pause"]
+        ),
         "crun": lambda s, image, d: peers.measure(
             "crun", image, s["runs"], s["pause"]
         ),

@@ -29,6 +29,7 @@ COLD_ROWS = {
     "numpy",
     "numpy_fresh",
     "sandbox",
+    "http_floor",
     "crun",
     "runc",
     "docker",
