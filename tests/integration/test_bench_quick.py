@@ -35,6 +35,20 @@ COLD_ROWS = {
     "docker",
 }
 FIGURES = ("cold_start.png", "warm_path.png", "scale.png")
+STEP_LABELS = (
+    "manager: run",
+    "registry: pull the code",
+    "read the registry folder",
+    "unpack into the code cache",
+    "manager: get an instance",
+    "zygote cache: create",
+    "take the prepared child",
+    "child says ready",
+    "mount the root",
+    "send go (with the mount)",
+    "connect to the sandbox",
+    "first request, start included",
+)
 
 
 def cgroup_trees(results):
@@ -179,3 +193,26 @@ def test_quick_run_draws_every_figure(quick_run):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE), name
         assert len(data) > len(PNG_SIGNATURE), name
+
+
+def test_breakdown_times_every_step(base_image):
+    script = os.path.join(TOP, "bench", "breakdown.py")
+    python = os.path.join(TOP, ".venv", "bin", "python")
+    mounts_before = set(mount_points())
+    cgroups_before = set(sockworker_cgroups())
+    done = subprocess.run(
+        [python, script, "--runs", "3", "--pause", "0.05"],
+        env=dict(os.environ, SOCKWORKER_IMAGES_DIR=IMAGES_DIR),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows = done.stdout.splitlines()[1:]
+    assert [row[:44].strip() for row in rows] == list(STEP_LABELS)
+    for row in rows:
+        runs, median = row.split()[-2:]
+        assert int(runs) >= 3 and float(median) > 0, row
+    assert sorted(set(mount_points()) - mounts_before) == []
+    assert sorted(set(sockworker_cgroups()) - cgroups_before) == []
