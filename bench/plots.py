@@ -56,7 +56,9 @@ def cold_start_chart(cold, path):
                 color=REASON,
             )
             continue
-        colour = PEER if key in ("crun", "runc", "docker") else BAR
+        colour = (
+            PEER if key in ("crun", "runc", "docker", "http_floor") else BAR
+        )
         median, p95 = row["median_ms"], row["p95_ms"]
         ax.barh(
             y,
