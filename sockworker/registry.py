@@ -127,6 +127,8 @@ _DIR_MODE = 0o755
 # The flags word of a .pyc validated by a hash of its source, which the
 # importer does not check (PEP 552).
 _UNCHECKED_HASH_PYC = 0b01
+# Where a sandbox sees the code: the layer's handler/ folder, at /handler.
+SANDBOX_CODE_DIR = "/handler"
 
 # The clock for refresh intervals; tests replace it to step through time.
 _now = time.monotonic
@@ -1183,21 +1185,27 @@ def _check_positive(what, value):
         raise ValueError(f"registry {what} must be > 0, not {value!r}")
 
 
-def compile_code(tree):
-    """Write bytecode beside every module under `tree`, as the unpack
-    does (see write_bytecode), for code that is already on disk."""
+def compile_code(tree, seen_at):
+    """Write bytecode beside every module under `tree`, which a sandbox
+    sees at `seen_at`, as the unpack does (see write_bytecode), for code
+    that is already on disk."""
+    members = []
     for directory, _, files in os.walk(tree):
-        members = []
+        rel = os.path.relpath(directory, tree).split(os.sep)
+        rel = tuple(part for part in rel if part != ".")
         for filename in files:
             if filename.endswith(".py"):
                 with open(os.path.join(directory, filename), "rb") as f:
-                    members.append(_Member((filename,), "file", f.read()))
-        write_bytecode(members, directory)
+                    data = f.read()
+                members.append(_Member((*rel, filename), "file", data))
+    write_bytecode(members, tree, seen_at)
 
 
-def write_bytecode(members, top):
+def write_bytecode(members, top, seen_at=SANDBOX_CODE_DIR):
     """Write bytecode beside the modules among `members`, unpacked under
-    `top`, from the source held in memory.
+    `top`, from the source held in memory. The code objects are named as
+    a sandbox sees the files, under `seen_at`, so the bytecode holds no
+    host path (the importer puts the real path in at import anyway).
 
     PERF: the code layer is read-only inside a sandbox, so without this
     every cold start compiles f.py again. The files are unchecked-hash
@@ -1214,9 +1222,10 @@ def write_bytecode(members, top):
             continue
         source = os.path.join(top, *member.path)
         target = importlib.util.cache_from_source(source, optimization="")
+        in_sandbox = "/".join((seen_at, *member.path))
         try:
             code = compile(
-                member.data, source, "exec", dont_inherit=True, optimize=0
+                member.data, in_sandbox, "exec", dont_inherit=True, optimize=0
             )
         except (SyntaxError, ValueError, RecursionError):
             continue

@@ -59,9 +59,7 @@ class Runtime:
         self.manager.shutdown(drain_seconds=self.config.timeout_seconds)
         self.backend.close()
         if self.code_cache_mounted:
-            # It would go with this process anyway; unmounted here, it
-            # goes at once, whatever else of the process lingers.
-            native.umount2(self.registry.cache_dir, native.MNT_DETACH)
+            unmount_code_cache(self.registry.cache_dir)
         log.info("stopped")
         if self.access_sink is not None:
             unbuffer_root_logger(self.access_sink)
@@ -99,6 +97,15 @@ def mount_code_cache(path, size_mb):
         os.getpid(),
     )
     return True
+
+
+def unmount_code_cache(path):
+    """The tmpfs would go with this process anyway; unmounted here, it
+    goes at once, whatever else of the process lingers."""
+    try:
+        native.umount2(path, native.MNT_DETACH)
+    except OSError as exc:
+        log.warning("unmount code cache %s: %s", path, exc.strerror)
 
 
 def make_package_store(config, image_path):

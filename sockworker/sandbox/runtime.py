@@ -71,4 +71,4 @@ def write_rehearsal_handler(directory):
     os.makedirs(directory)
     with open(os.path.join(directory, "f.py"), "w") as f:
         f.write(REHEARSAL_HANDLER)
-    compile_code(directory)
+    compile_code(directory, "/" + REHEARSAL_SUBDIR)

@@ -1041,7 +1041,10 @@ def test_bytecode_is_the_source_compiled(reg_dir, cache):
     pyc = importlib.util.cache_from_source(
         os.path.join(code.code_dir, "lib.py")
     )
-    exec(load_bytecode(pyc), namespace)
+    compiled = load_bytecode(pyc)
+    # Named as a sandbox sees it, with no host path in it.
+    assert compiled.co_filename == "/handler/lib.py"
+    exec(compiled, namespace)
     assert namespace["g"]({"n": 1}) == {"n": 1}
     with open(pyc, "rb") as f:
         stored_hash = f.read(16)[8:16]
