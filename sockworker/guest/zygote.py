@@ -367,6 +367,10 @@ def run_init(channel):
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         step = "make /proc"
         proc_fd = make_proc_mount()
+        step = "empty the environment"
+        # Ahead of demand too: the sandbox gets only what the lambda
+        # declares, which go brings.
+        os.environ.clear()
         step = "rehearse"
         rehearse()
         channel.sendall(b"ready\n")
@@ -388,7 +392,6 @@ def run_init(channel):
         os.chdir("/")
         step = "set up stdio"
         set_up_stdio(work_fd, log_fd, channel.fileno())
-        os.environ.clear()
         os.environ.update(go["env"])
         if go["mode"] == "zygote":
             step = "become a zygote"
