@@ -430,9 +430,13 @@ def _walk_lstat(root, label):
 
 
 def _read_folder(root, budget, label):
-    """Read a registry folder into memory, with the checks of an archive."""
+    """Read a registry folder into memory, with the checks of an archive;
+    returns (members, stamp), the stamp as _folder_stamp makes it, from
+    the lstat that came before each read."""
     members = []
+    stamp = [_root_stamp(root, label)]
     for path, full, st in _walk_lstat(root, label):
+        stamp.append(_entry_stamp(path, st))
         shown = "/".join(path)
         budget.take_member(shown)
         mode = st.st_mode
@@ -460,7 +464,7 @@ def _read_folder(root, budget, label):
                 f"{label}: {shown!r} is {kind}; only files, directories "
                 f"and symlinks are allowed"
             )
-    return members
+    return members, tuple(stamp)
 
 
 def _readlink(path, label):
@@ -474,27 +478,33 @@ def _readlink(path, label):
 
 def _folder_stamp(root, limit, label):
     """A cheap fingerprint of a folder: lstat of every entry."""
+    stamp = [_root_stamp(root, label)]
+    for path, _, st in _walk_lstat(root, label):
+        stamp.append(_entry_stamp(path, st))
+        if len(stamp) > limit:
+            break  # too many members: the full read reports it
+    return tuple(stamp)
+
+
+def _root_stamp(root, label):
     try:
         st = os.stat(root)
     except OSError as err:
         raise RegistryUnavailable(
             f"{label}: stat {root}: {err.strerror}"
         ) from err
-    stamp = [((), st.st_mode, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)]
-    for path, _, st in _walk_lstat(root, label):
-        stamp.append(
-            (
-                path,
-                st.st_mode,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                st.st_ino,
-            )
-        )
-        if len(stamp) > limit:
-            break  # too many members: the full read reports it
-    return tuple(stamp)
+    return ((), st.st_mode, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _entry_stamp(path, st):
+    return (
+        path,
+        st.st_mode,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+    )
 
 
 def _symlink_problem(path, symlinks):
@@ -700,12 +710,17 @@ class _LocalSource:
     def probe(self, name, entry):
         form, path = self._locate(name)
         label = f"lambda {name!r} from {path}"
+        budget = Budget(self.max_bytes, self.max_members, label)
+        if form == "folder" and (entry is None or entry.form != form):
+            # PERF: nothing to compare with, so the folder is walked once,
+            # stamped as it is read; a cold start saves a walk.
+            members, stamp = _read_folder(path, budget, label)
+            return _Probe(form, path, stamp, members)
         stamp = self._stamp(form, path, label)
         if entry is not None and (entry.form, entry.stamp) == (form, stamp):
             return _Probe(form, path, stamp, None)
-        budget = Budget(self.max_bytes, self.max_members, label)
         if form == "folder":
-            members = _read_folder(path, budget, label)
+            members, _ = _read_folder(path, budget, label)
         else:
             data = _read_bounded(path, self.max_bytes, label, "the file")
             members = _members_of_file(form, data, name, budget, label)
