@@ -10,7 +10,6 @@ run" holds them all.
     .venv/bin/python bench/breakdown.py --runs 50 --pause 0.2
 """
 
-import argparse
 import collections
 import functools
 import json
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from cold_http import lambda_names, worker_config, write_lambdas  # noqa: E402
+from peers import cold_start_parser  # noqa: E402
 
 from sockworker import manager, registry  # noqa: E402
 from sockworker.config import load_config  # noqa: E402
@@ -130,15 +130,7 @@ def print_table(times):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--pause", type=float, default=0.2)
-    parser.add_argument(
-        "--images-dir",
-        default=os.environ.get(
-            "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
-        ),
-    )
+    parser = cold_start_parser(__doc__)
     args = parser.parse_args(argv)
     print_table(measure(args.images_dir, args.runs, args.pause))
     return 0

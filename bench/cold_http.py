@@ -16,7 +16,6 @@ checks that no process, cgroup or sandbox folder of it is left.
     /work/main/.venv/bin/python bench/cold_http.py --runs 50 --pause 0.2
 """
 
-import argparse
 import http.client
 import json
 import logging
@@ -27,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from peers import summarize
+from peers import cold_start_parser, summarize
 from warm_path import PYTHON, TOP, free_port, start_bare, wait_for_port
 from warm_path import stop as stop_server
 
@@ -415,15 +414,7 @@ def public_config(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--pause", type=float, default=0.2)
-    parser.add_argument(
-        "--images-dir",
-        default=os.environ.get(
-            "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
-        ),
-    )
+    parser = cold_start_parser(__doc__)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     times, details = measure(args.images_dir, args.runs, args.pause)

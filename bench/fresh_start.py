@@ -9,7 +9,6 @@ image, so the ratio is not skewed by a noisy machine.
     .venv/bin/python bench/fresh_start.py --runs 50 --pause 0.2
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -20,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from peers import measure  # noqa: E402
+from peers import cold_start_parser, measure  # noqa: E402
 
 from sockworker.image import BaseImage  # noqa: E402
 from sockworker.sandbox.backend import SockBackend  # noqa: E402
@@ -75,15 +74,7 @@ def summary(times):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--pause", type=float, default=0.2)
-    parser.add_argument(
-        "--images-dir",
-        default=os.environ.get(
-            "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
-        ),
-    )
+    parser = cold_start_parser(__doc__)
     parser.add_argument("--json", help="also write the results here")
     return parser.parse_args(argv)
 

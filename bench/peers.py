@@ -25,6 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+# Where bin/setup builds the base image, unless the environment says.
+DEFAULT_IMAGES_DIR = os.environ.get(
+    "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
+)
 RUNNER = Path(__file__).resolve().with_name("peer_runner.py")
 CGROUP2_MOUNT = "/sys/fs/cgroup/unified"
 COMMAND = ["/usr/bin/python3", "-c", "pass"]
@@ -237,6 +241,27 @@ def format_table(results):
             f" {s['p95_ms']:>8.1f} {s['min_ms']:>8.1f}"
         )
     return "\n".join(lines)
+
+
+def add_images_dir(parser):
+    parser.add_argument(
+        "--images-dir",
+        default=DEFAULT_IMAGES_DIR,
+        help="where the base image is (or is built)",
+    )
+
+
+def cold_start_parser(doc, runs=50):
+    """An argument parser for a script documented by `doc` that takes
+    what every cold-start benchmark here takes: --runs, --pause and
+    --images-dir."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument(
+        "--pause", type=float, default=0.2, help="seconds between runs"
+    )
+    add_images_dir(parser)
+    return parser
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ from cold_http import (
     worker_facts,
     write_lambdas,
 )
-from peers import summarize
+from peers import add_images_dir, summarize
 
 from sockworker.manager import ZYGOTE_RESERVE_MB
 from sockworker.sandbox.backend import tree_name
@@ -303,12 +303,7 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, nargs="+", default=CLIENTS)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--density-cap", type=int, default=None)
-    parser.add_argument(
-        "--images-dir",
-        default=os.environ.get(
-            "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
-        ),
-    )
+    add_images_dir(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rate = measure_rate(args.images_dir, args.clients, args.requests)

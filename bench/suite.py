@@ -48,9 +48,6 @@ from sockworker.sandbox.backend import tree_name  # noqa: E402
 log = logging.getLogger("bench")
 
 RESULTS_DIR = os.path.join(BENCH, "results")
-DEFAULT_IMAGES_DIR = os.environ.get(
-    "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
-)
 
 NUMPY_REQUIREMENT = "numpy==1.26.4"
 
@@ -621,7 +618,7 @@ def parse_args(argv):
     parser.add_argument(
         "--density-cap", type=int, help="most idle sandboxes to create"
     )
-    parser.add_argument("--images-dir", default=DEFAULT_IMAGES_DIR)
+    peers.add_images_dir(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)

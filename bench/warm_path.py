@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from peers import add_images_dir
+
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.path.join(TOP, ".venv", "bin", "python")
 WRK_SCRIPT = """
@@ -178,12 +180,7 @@ def parse_args(argv):
     parser.add_argument(
         "--connections", type=int, nargs="+", default=[1, 8, 64]
     )
-    parser.add_argument(
-        "--images-dir",
-        default=os.environ.get(
-            "SOCKWORKER_IMAGES_DIR", "/var/lib/sockworker/images"
-        ),
-    )
+    add_images_dir(parser)
     parser.add_argument("--json", help="also write the results here")
     return parser.parse_args(argv)
 
