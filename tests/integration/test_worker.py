@@ -3,6 +3,7 @@ status code produced by a real cause, concurrency, code updates, registry
 forms (folder, file, tarball, HTTP) and start-up errors."""
 
 import concurrent.futures
+import contextlib
 import functools
 import http.client
 import http.server
@@ -420,13 +421,7 @@ def test_shutdown_drains_in_flight_and_refuses_new(worker, registry):
     registry.add("sleeper", SLEEPER)
     assert worker.run("sleeper", {"seconds": 0}).status == 200
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(
-            worker.run, "sleeper", {"seconds": 2, "id": "drained"}
-        )
-        time.sleep(0.5)
-        worker.send(signal.SIGTERM)
-        time.sleep(0.3)
+    with draining(worker) as in_flight:
         late = late_request(worker)
         # The refusal is immediate: the late request is not held until
         # the drain ends.
@@ -450,13 +445,7 @@ def test_request_on_open_connection_during_drain_is_503(worker, registry):
     kept.request("GET", "/status")
     assert kept.getresponse().read()
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(
-            worker.run, "sleeper", {"seconds": 2, "id": "drained"}
-        )
-        time.sleep(0.5)
-        worker.send(signal.SIGTERM)
-        time.sleep(0.3)
+    with draining(worker) as in_flight:
         replies = []
         for method, path in (("POST", "/run/sleeper"), ("GET", "/status")):
             kept.request(
@@ -475,6 +464,21 @@ def test_request_on_open_connection_during_drain_is_503(worker, registry):
     for reply in replies[1:]:
         assert_error(reply, 503, "shutting_down")
     assert worker.wait() == 0
+
+
+@contextlib.contextmanager
+def draining(worker):
+    """Runs its body while the worker drains: a 2 s request to the
+    sleeper lambda is in flight and SIGTERM came 0.3 s ago. Yields that
+    request's future."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            worker.run, "sleeper", {"seconds": 2, "id": "drained"}
+        )
+        time.sleep(0.5)
+        worker.send(signal.SIGTERM)
+        time.sleep(0.3)
+        yield in_flight
 
 
 def late_request(worker):
