@@ -211,7 +211,11 @@ def test_sweep_after_sigkill_with_zygotes(tmp_path, base_image, leak_check):
     leftovers = set(backend.tree.leftover_ids())
     assert any(name.startswith("zy-") for name in leftovers)
     assert len([n for n in leftovers if n.startswith("sb-")]) >= 3
-    assert set(backend.sweep()) == leftovers
+    # A sandbox being prepared at the kill may have a directory and no
+    # cgroup yet: the sweep takes it too.
+    dirs = set(os.listdir(state / "sandboxes"))
+    assert len(dirs - leftovers) <= 1
+    assert set(backend.sweep()) == leftovers | dirs
     assert os.listdir(state / "sandboxes") == []
     assert backend.tree.leftover_ids() == []
     backend.close()
