@@ -149,7 +149,8 @@ class ForkedSandbox(Container):
             )
         finally:
             os.close(root_fd)
-            work.close()
+            if work is not self.listener:
+                work.close()  # a child zygote's end of its control socket
             self.close_host_ends()
 
     def await_started(self):
